@@ -1,0 +1,95 @@
+"""Test-session setup: one torch thread, Triton's interpreter, and a fixed RNG per test."""
+
+import os
+
+# Must be set before triton is imported anywhere, so kernels run on CPU tensors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_rng():
+    """Seeds torch before each test and restores the RNG state afterwards."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    yield
+    torch.random.set_rng_state(state)
+
+
+def make_episodes(lengths, *, obs_dim=3, act_dim=2, reward=None, seed=0):
+    """A flat batch of consecutive episodes with the given lengths (``done`` at each end).
+
+    ``reward`` is a float (the same reward everywhere), a list (one per episode) or ``None``
+    (random uniform rewards).
+    """
+    from tensordict import TensorDict
+
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    done = torch.zeros(n, 1, dtype=torch.bool)
+    ends = torch.tensor(lengths).cumsum(0) - 1
+    done[ends] = True
+    is_init = torch.zeros(n, 1, dtype=torch.bool)
+    is_init[ends - torch.tensor(lengths) + 1] = True
+    if reward is None:
+        rew = torch.rand(n, 1, generator=g)
+    elif isinstance(reward, (list, tuple)):
+        rew = torch.cat([torch.full((ln, 1), float(r)) for ln, r in zip(lengths, reward)])
+    else:
+        rew = torch.full((n, 1), float(reward))
+    return TensorDict(
+        {
+            "observation": torch.randn(n, obs_dim, generator=g),
+            "action": torch.randn(n, act_dim, generator=g),
+            "is_init": is_init,
+            "next": {"reward": rew, "done": done},
+        },
+        batch_size=[n],
+    )
+
+
+def make_buffer(
+    capacity=100,
+    *,
+    forgetting="fifo",
+    mixture_ratio=0.5,
+    top_k=3,
+    batch_size=16,
+    obs_dim=3,
+    act_dim=2,
+    embed_dim=16,
+    window=4,
+    **sampler_kwargs,
+):
+    """A TensorDictReplayBuffer made of the three hippo parts."""
+    from torchrl.data import TensorDictReplayBuffer
+
+    from torchrl_hippo import DualEncoder, HippoSampler, HippoStorage, HippoWriter
+
+    encoder = DualEncoder(
+        observation_dim=obs_dim,
+        action_dim=act_dim,
+        embed_dim=embed_dim,
+        window=window,
+        hidden_dim=32,
+    )
+    return TensorDictReplayBuffer(
+        storage=HippoStorage(capacity),
+        writer=HippoWriter(encoder, forgetting=forgetting),
+        sampler=HippoSampler(mixture_ratio=mixture_ratio, top_k=top_k, **sampler_kwargs),
+        batch_size=batch_size,
+    )
+
+
+@pytest.fixture
+def episodes():
+    return make_episodes
+
+
+@pytest.fixture
+def buffer():
+    return make_buffer

@@ -1,0 +1,177 @@
+"""HippoStorage: lazy initialisation, episode table, devices and lossless round trips."""
+
+import pickle
+
+import pytest
+import torch
+from conftest import make_buffer, make_episodes
+from tensordict import TensorDict
+from torchrl.data import TensorStorage
+
+from torchrl_hippo import HippoStorage
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def assert_tree_equal(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_tree_equal(a[k], b[k])
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a.cpu(), b.cpu(), equal_nan=True, rtol=0, atol=0)
+    else:
+        assert a == b
+
+
+def full_state(rb):
+    return {
+        "storage": rb.storage.state_dict(),
+        "writer": rb.writer.state_dict(),
+        "sampler": rb.sampler.state_dict(),
+    }
+
+
+def test_is_a_lazy_tensor_storage():
+    storage = HippoStorage(10)
+    assert isinstance(storage, TensorStorage)
+    assert not storage.initialized
+    assert storage.embed_dim is None
+    assert len(storage) == 0 and storage.num_episodes == 0
+    rb = make_buffer(10)
+    rb.extend(make_episodes([3]))
+    assert rb.storage.initialized and rb.storage.embed_dim == 16
+
+
+@pytest.mark.parametrize("max_size", [0, -3, 2.5, True])
+def test_bad_capacity(max_size):
+    with pytest.raises(ValueError, match="max_size must be a positive integer"):
+        HippoStorage(max_size)
+
+
+def test_bad_key_dtype():
+    with pytest.raises(TypeError, match="key_dtype"):
+        HippoStorage(10, key_dtype=torch.int64)
+
+
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_key_dtype(key_dtype):
+    from torchrl.data import TensorDictReplayBuffer
+
+    from torchrl_hippo import DualEncoder, HippoSampler, HippoWriter
+
+    rb = TensorDictReplayBuffer(
+        storage=HippoStorage(50, key_dtype=key_dtype),
+        writer=HippoWriter(DualEncoder(3, 2, 16, window=4)),
+        sampler=HippoSampler(top_k=2),
+        batch_size=8,
+    )
+    rb.extend(make_episodes([10, 10]))
+    assert rb.storage.keys.dtype == key_dtype
+    assert rb.sample()["hippo", "key"].dtype == key_dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_and_table_live_on_the_storage_device(device):
+    from torchrl.data import TensorDictReplayBuffer
+
+    from torchrl_hippo import DualEncoder, HippoSampler, HippoWriter
+
+    rb = TensorDictReplayBuffer(
+        storage=HippoStorage(50, device=device),
+        writer=HippoWriter(DualEncoder(3, 2, 16, window=4).to(device)),
+        sampler=HippoSampler(top_k=2),
+        batch_size=8,
+    )
+    rb.extend(make_episodes([10, 10]).to(device))
+    batch = rb.sample()
+    assert batch.device.type == device
+    assert rb.storage.episodes.device.type == device
+    assert rb.storage.row_slot.device.type == device
+
+
+def test_reads_serve_the_episode_table_return():
+    rb = make_buffer(20)
+    data = make_episodes([8], reward=2.0)
+    rb.extend(data[:3])
+    assert rb.storage.get(torch.tensor([0, 2]))["hippo", "return"].tolist() == [6.0, 6.0]
+    rb.extend(data[3:])
+    assert rb.storage.get(torch.tensor([0, 2]))["hippo", "return"].tolist() == [16.0, 16.0]
+    assert rb.storage.get(1)["hippo", "return"].item() == 16.0
+    assert rb[:]["hippo", "return"].eq(16.0).all()
+
+
+@pytest.mark.parametrize("forgetting", ["fifo", "importance"])
+@pytest.mark.parametrize("how", ["state_dict", "dumps", "pickle"])
+def test_round_trip_loses_nothing(forgetting, how, tmp_path):
+    data = make_episodes([7, 9, 4, 12, 6], reward=[1.0, 2.0, 3.0, 4.0, 5.0])
+    rb = make_buffer(25, forgetting=forgetting)
+    rb.extend(data[:30])  # wraps/evicts, leaves an episode open
+    rb.sample()
+    before = full_state(rb)
+    if how == "pickle":
+        other = pickle.loads(pickle.dumps(rb))
+    else:
+        other = make_buffer(25, forgetting=forgetting)
+        other.writer.encoder.load_state_dict(rb.writer.encoder.state_dict())
+        if how == "state_dict":
+            other.load_state_dict(rb.state_dict())
+        else:
+            rb.dumps(tmp_path / "memory")
+            other.loads(tmp_path / "memory")
+    assert_tree_equal(before, full_state(other))
+    # Both continue identically: stitching, bookkeeping and sampling.
+    rb.extend(data[30:])
+    other.extend(data[30:])
+    assert_tree_equal(full_state(rb), full_state(other))
+    torch.manual_seed(0)
+    a = rb.sample()
+    torch.manual_seed(0)
+    b = other.sample()
+    assert (a == b).all()
+
+
+def test_round_trip_of_an_empty_memory(tmp_path):
+    rb = make_buffer(10)
+    rb.dumps(tmp_path / "empty")
+    other = make_buffer(10)
+    other.loads(tmp_path / "empty")
+    assert len(other) == 0
+    other.extend(make_episodes([3]))
+    assert len(other) == 3
+    fresh = HippoStorage(10)
+    fresh.load_state_dict(HippoStorage(10).state_dict())
+    assert not fresh.initialized
+
+
+def test_load_state_dict_rejects_foreign_state():
+    from torchrl.data import LazyTensorStorage
+
+    other = LazyTensorStorage(10)
+    other.set(torch.arange(2), TensorDict({"a": torch.ones(2)}, [2]))
+    with pytest.raises(KeyError, match="not made by a HippoStorage"):
+        HippoStorage(10).load_state_dict(other.state_dict())
+
+
+def test_empty_resets_everything():
+    rb = make_buffer(20)
+    rb.extend(make_episodes([5, 5]))
+    rb.empty()
+    assert len(rb) == 0 and rb.storage.num_episodes == 0
+    assert rb.writer._write_count == 0
+    rb.extend(make_episodes([3]))
+    assert rb.storage.get(torch.arange(3))["hippo", "episode"].tolist() == [0, 0, 0]
+
+
+def test_episode_table_fields():
+    rb = make_buffer(50)
+    rb.extend(make_episodes([4, 6], reward=[1.0, 0.5]))
+    table = rb.storage.episodes
+    live = table["rows"] > 0
+    assert table["id"][live].tolist() == [0, 1]
+    assert table["return"][live].tolist() == [4.0, 3.0]
+    assert table["length"][live].tolist() == [4, 6]
+    assert table["inserted"][live].tolist() == [0, 4]
+    assert table["updated"][live].tolist() == [3, 9]
+    assert table["access"][live].tolist() == [0, 0]
+    assert repr(rb.storage).startswith("HippoStorage(max_size=50, len=10, episodes=2")

@@ -1,0 +1,441 @@
+"""HippoWriter: segmentation, stitching, layouts, forgetting and bad input."""
+
+import copy
+
+import pytest
+import torch
+from conftest import make_buffer, make_episodes
+from tensordict import TensorDict
+
+from torchrl_hippo import HippoStorage, HippoWriter
+
+
+def stored(rb, rows=None):
+    storage = rb.storage
+    rows = torch.arange(len(storage)) if rows is None else rows
+    return storage.get(rows)
+
+
+def assert_state_equal(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_state_equal(a[k], b[k])
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+    else:
+        assert a == b
+
+
+def stream(lengths, seed, rewards=None):
+    return make_episodes(lengths, reward=rewards, seed=seed)
+
+
+class TestSegmentation:
+    def test_flat_episodes(self):
+        rb = make_buffer(100)
+        data = make_episodes([3, 5, 2], reward=[1.0, 2.0, 0.5])
+        index = rb.extend(data)
+        assert index.tolist() == list(range(10))
+        rows = stored(rb)
+        assert rows["hippo", "episode"].tolist() == [0] * 3 + [1] * 5 + [2] * 2
+        assert rows["hippo", "step"].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1]
+        assert rows["hippo", "return"].tolist() == [3.0] * 3 + [10.0] * 5 + [1.0] * 2
+        assert rows["hippo", "prev"].tolist() == [-1, 0, 1, -1, 3, 4, 5, 6, -1, 8]
+        table = rb.storage.episodes
+        live = table["rows"] > 0
+        assert table["length"][live].tolist() == [3, 5, 2]
+        assert table["done"][live].all()
+        assert rb.writer._write_count == 10
+
+    def test_keys_unit_norm_and_versioned(self):
+        rb = make_buffer(100)
+        rb.writer.encoder.update_target()
+        rb.extend(make_episodes([6, 4]))
+        rows = stored(rb)
+        torch.testing.assert_close(rows["hippo", "key"].norm(dim=-1), torch.ones(10))
+        assert (rows["hippo", "key_version"] == 1).all()
+
+    @pytest.mark.parametrize("chunks", [[1] * 29, [7, 10, 12], [28, 1], [14, 15]])
+    def test_stitching_across_extend_calls(self, chunks):
+        data = make_episodes([5, 12, 3, 9], reward=[1.0, 2.0, -1.0, 0.5])
+        whole = make_buffer(100)
+        whole.extend(data)
+        split = make_buffer(100)
+        split.writer.encoder.load_state_dict(whole.writer.encoder.state_dict())
+        start = 0
+        for size in chunks:
+            split.extend(data[start : start + size])
+            start += size
+        a, b = stored(whole), stored(split)
+        for key in ["episode", "step", "return", "prev"]:
+            assert a["hippo", key].tolist() == b["hippo", key].tolist(), key
+        torch.testing.assert_close(a["hippo", "key"], b["hippo", "key"])
+        assert whole.storage.num_episodes == split.storage.num_episodes == 4
+
+    def test_running_return_until_the_episode_ends(self):
+        rb = make_buffer(100)
+        data = make_episodes([10], reward=1.0)
+        rb.extend(data[:4])
+        assert stored(rb)["hippo", "return"].tolist() == [4.0] * 4
+        rb.extend(data[4:])
+        assert stored(rb)["hippo", "return"].tolist() == [10.0] * 10
+
+    def test_is_init_closes_an_open_episode(self):
+        rb = make_buffer(100)
+        first = make_episodes([6], reward=1.0)
+        rb.extend(first[:3])  # episode left open
+        rb.extend(make_episodes([4], reward=2.0))  # starts with is_init: a new episode
+        rows = stored(rb)
+        assert rows["hippo", "episode"].tolist() == [0] * 3 + [1] * 4
+        assert rows["hippo", "step"].tolist() == [0, 1, 2, 0, 1, 2, 3]
+        table = rb.storage.episodes
+        assert table["done"][table["id"] == 0].item()
+
+    @pytest.mark.parametrize("time_chunks", [[11], [4, 7], [1, 3, 2, 5]])
+    def test_env_time_layout(self, time_chunks):
+        envs = [stream([4, 7], seed=1), stream([2, 2, 7], seed=2), stream([11], seed=3)]
+        batch = torch.stack(envs, 0)  # [env=3, time=11]
+        ref = make_buffer(100)
+        for env in envs:  # each env written alone, as a flat stream
+            ref.extend(env)
+        rb = make_buffer(100)
+        rb.writer.encoder.load_state_dict(ref.writer.encoder.state_dict())
+        index = torch.cat(
+            [
+                rb.extend(batch[:, s : s + c])
+                for s, c in zip(torch.tensor([0, *time_chunks]).cumsum(0).tolist(), time_chunks)
+            ],
+            dim=1,
+        )
+        assert index.shape == (3, 11)
+        ref_rows = torch.arange(33).reshape(3, 11)
+        a, b = stored(ref, ref_rows.reshape(-1)), stored(rb, index.reshape(-1))
+        assert a["hippo", "step"].tolist() == b["hippo", "step"].tolist()
+        assert a["hippo", "return"].tolist() == b["hippo", "return"].tolist()
+        torch.testing.assert_close(a["hippo", "key"], b["hippo", "key"])
+        # Same partition into episodes, whatever the ids.
+        pairs_a = set(zip(a["hippo", "episode"].tolist(), b["hippo", "episode"].tolist()))
+        assert len(pairs_a) == len(set(a["hippo", "episode"].tolist())) == 6
+
+    def test_traj_ids_interleaved_rows(self):
+        envs = [stream([5, 3], seed=4), stream([8], seed=5)]
+        batch = torch.stack(envs, 0)  # [2, 8]
+        traj = torch.tensor([[0] * 5 + [2] * 3, [1] * 8])
+        batch["collector", "traj_ids"] = traj
+        ordered = make_buffer(100)
+        ordered.extend(batch)
+        # Time-major flattening interleaves the two envs' rows.
+        interleaved = batch.transpose(0, 1).reshape(-1)
+        rb = make_buffer(100)
+        rb.writer.encoder.load_state_dict(ordered.writer.encoder.state_dict())
+        index = rb.extend(interleaved)
+        assert index.shape == (16,)
+        a = stored(ordered, ordered_index := torch.arange(16).reshape(2, 8).T.reshape(-1))
+        b = stored(rb, index)
+        assert ordered_index.numel() == 16
+        assert a["hippo", "step"].tolist() == b["hippo", "step"].tolist()
+        torch.testing.assert_close(a["hippo", "key"], b["hippo", "key"])
+
+    def test_traj_ids_stitch_without_done(self):
+        data = make_episodes([6]).exclude(("next", "done"), "is_init")
+        data["collector", "traj_ids"] = torch.full((6,), 7)
+        rb = make_buffer(100)
+        rb.extend(data[:2])
+        rb.extend(data[2:])
+        rows = stored(rb)
+        assert rows["hippo", "episode"].unique().numel() == 1
+        assert rows["hippo", "step"].tolist() == list(range(6))
+
+    def test_index_shape_and_unwritten_rows(self):
+        rb = make_buffer(8)
+        index = rb.extend(make_episodes([5, 7]))
+        assert index.shape == (12,)
+        assert index[:4].tolist() == [-1] * 4
+        assert sorted(index[4:].tolist()) == list(range(8))
+        assert rb.writer._write_count == 8
+        assert len(rb) == 8
+
+    def test_add_single_transition(self):
+        rb = make_buffer(10)
+        data = make_episodes([3])
+        indices = [int(rb.add(data[i])) for i in range(3)]
+        assert indices == [0, 1, 2]
+        assert stored(rb)["hippo", "step"].tolist() == [0, 1, 2]
+
+
+class TestForgetting:
+    @staticmethod
+    def check_table(rb):
+        storage = rb.storage
+        slots = storage.row_slot[: len(storage)]
+        counts = torch.bincount(slots[slots >= 0], minlength=storage.episodes.shape[0])
+        assert counts.tolist() == storage.episodes["rows"].tolist()
+
+    def test_fifo_is_a_ring(self):
+        rb = make_buffer(10)
+        first = rb.extend(make_episodes([4, 4], seed=1))
+        second = rb.extend(make_episodes([6], seed=2))
+        assert first.tolist() == list(range(8))
+        assert second.tolist() == [8, 9, 0, 1, 2, 3]
+        self.check_table(rb)
+        # The first episode lost all its rows: its table slot was recycled.
+        assert rb.storage.num_episodes == 2
+
+    def test_fifo_many_episodes_bookkeeping(self):
+        rb = make_buffer(50)
+        for seed in range(20):
+            rb.extend(make_episodes([3, 5, 9], seed=seed))
+            self.check_table(rb)
+        assert len(rb) == 50
+        assert rb.storage.next_episode_id == 60
+
+    @pytest.mark.parametrize(
+        "weights, expect_kept",
+        [
+            ({"return": 1.0, "access": 0.0, "recency": 0.0}, "high_return"),
+            ({"return": 0.0, "access": 0.0, "recency": 1.0}, "recent"),
+        ],
+    )
+    def test_importance_evicts_whole_low_scoring_episodes(self, weights, expect_kept):
+        from torchrl.data import TensorDictReplayBuffer
+
+        from torchrl_hippo import DualEncoder, HippoSampler
+
+        encoder = DualEncoder(
+            observation_dim=3, action_dim=2, embed_dim=16, window=4, hidden_dim=32
+        )
+        rb = TensorDictReplayBuffer(
+            storage=HippoStorage(40),
+            writer=HippoWriter(
+                encoder, forgetting="importance", eviction_weights=weights, evict_fraction=0.0
+            ),
+            sampler=HippoSampler(),
+        )
+        # Eight episodes of 5 steps, returns 5 * [8, 1, 7, 2, 6, 3, 5, 4] (older first).
+        rewards = [8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0]
+        rb.extend(make_episodes([5] * 8, reward=rewards))
+        assert len(rb) == 40
+        rb.extend(make_episodes([5, 5], reward=[0.5, 0.5], seed=1))  # needs 10 rows
+        self.check_table(rb)
+        table = rb.storage.episodes
+        alive_ids = set(table["id"][table["rows"] > 0].tolist())
+        if expect_kept == "high_return":
+            # Returns 5 and 10 (ids 1 and 3) were the lowest: evicted whole.
+            assert alive_ids == {0, 2, 4, 5, 6, 7, 8, 9}
+        else:
+            assert alive_ids == {2, 3, 4, 5, 6, 7, 8, 9}
+        # No partial episode is left behind.
+        alive = table["rows"] > 0
+        assert (table["rows"][alive] == table["length"][alive]).all()
+        assert rb.storage.num_free_rows == 0
+
+    def test_importance_access_weight_protects_sampled_episodes(self):
+        rb = make_buffer(20, forgetting="importance")
+        rb.writer.eviction_weights = {"return": 0.0, "access": 1.0, "recency": 0.0}
+        rb.writer.evict_fraction = 0.0
+        rb.extend(make_episodes([5, 5, 5, 5], reward=1.0))
+        storage = rb.storage
+        storage.mark_access(torch.arange(0, 5))  # episode 0 read
+        storage.mark_access(torch.arange(10, 20))  # episodes 2 and 3 read
+        rb.extend(make_episodes([5], seed=3))
+        alive = storage.episodes["id"][storage.episodes["rows"] > 0].tolist()
+        assert sorted(alive) == [0, 2, 3, 4]
+
+    def test_importance_headroom_leaves_free_rows_never_sampled(self):
+        rb = make_buffer(40, forgetting="importance", mixture_ratio=0.5, top_k=2)
+        rb.writer.evict_fraction = 0.25
+        rb.extend(make_episodes([5] * 8, reward=[float(i) for i in range(8)]))
+        rb.extend(make_episodes([2], seed=2))
+        storage = rb.storage
+        assert storage.num_free_rows > 0
+        assert storage.num_valid == len(storage) - storage.num_free_rows
+        for _ in range(20):
+            batch = rb.sample()
+            assert (storage.row_slot[batch["index"]] >= 0).all()
+            assert (batch["hippo", "episode"] >= 0).all()
+        self.check_table(rb)
+
+    def test_episode_scores_vectorised(self):
+        rb = make_buffer(40, forgetting="importance")
+        rb.extend(make_episodes([5] * 4, reward=[1.0, 4.0, 2.0, 3.0]))
+        rb.writer.eviction_weights = {"return": 1.0, "access": 0.0, "recency": 0.0}
+        scores = rb.writer.episode_scores()
+        alive = rb.storage.episodes["rows"] > 0
+        assert torch.isnan(scores[~alive]).all()
+        ids = rb.storage.episodes["id"][alive]
+        ranked = ids[scores[alive].argsort()].tolist()
+        assert ranked == [0, 2, 3, 1]
+
+
+class TestBadInput:
+    def bad_cases(self):
+        good = make_episodes([4])
+        nan = good.clone()
+        nan["next", "reward"][1] = float("nan")
+        inf = good.clone()
+        inf["next", "reward"][2] = float("inf")
+        return {
+            "not a tensordict": (torch.zeros(3), TypeError, "TensorDict"),
+            "3-d batch": (good.reshape(1, 2, 2), ValueError, r"\[N\] or \[env, time\]"),
+            "missing reward": (good.exclude(("next", "reward")), ValueError, "reward"),
+            "missing done": (good.exclude(("next", "done")), ValueError, "done"),
+            "nan reward": (nan, ValueError, "NaN or inf"),
+            "inf reward": (inf, ValueError, "NaN or inf"),
+            "int reward": (
+                good.set(("next", "reward"), torch.ones(4, 1, dtype=torch.long)),
+                TypeError,
+                "floating",
+            ),
+            "wide reward": (
+                make_episodes([4]).set(("next", "reward"), torch.ones(4, 2)),
+                ValueError,
+                "one scalar",
+            ),
+            "observation size": (make_episodes([4], obs_dim=5), ValueError, "observation_dim"),
+        }
+
+    @pytest.mark.parametrize(
+        "case",
+        [
+            "not a tensordict",
+            "3-d batch",
+            "missing reward",
+            "missing done",
+            "nan reward",
+            "inf reward",
+            "int reward",
+            "wide reward",
+            "observation size",
+        ],
+    )
+    def test_bad_batch_raises_and_corrupts_nothing(self, case):
+        rb = make_buffer(20)
+        rb.extend(make_episodes([3, 4])[:6])  # one episode left open
+        before = copy.deepcopy((rb.storage.state_dict(), rb.writer.state_dict()))
+        data, exc, match = self.bad_cases()[case]
+        with pytest.raises(exc, match=match):
+            rb.writer.extend(data)  # the buffer itself rejects non-TensorDicts earlier
+        assert_state_equal(before[0], rb.storage.state_dict())
+        assert_state_equal(before[1], rb.writer.state_dict())
+
+    def test_encoder_storage_embed_dim_mismatch(self):
+        from torchrl.data import TensorDictReplayBuffer
+
+        from torchrl_hippo import DualEncoder, HippoSampler
+
+        rb = make_buffer(20, embed_dim=16)
+        rb.extend(make_episodes([4]))
+        other = DualEncoder(observation_dim=3, action_dim=2, embed_dim=8, window=4)
+        with pytest.raises(ValueError, match="embed_dim=8"):
+            TensorDictReplayBuffer(
+                storage=rb.storage, writer=HippoWriter(other), sampler=HippoSampler()
+            )
+
+    @pytest.mark.parametrize(
+        "kwargs, match",
+        [
+            ({"forgetting": "lru"}, "forgetting"),
+            ({"eviction_weights": {"age": 1.0}}, "eviction_weights"),
+            ({"eviction_weights": {"return": -1.0}}, "eviction_weights"),
+            ({"evict_fraction": 2.0}, "evict_fraction"),
+            ({"encode_chunk": 0}, "encode_chunk"),
+        ],
+    )
+    def test_bad_options(self, kwargs, match):
+        from torchrl_hippo import DualEncoder
+
+        with pytest.raises(ValueError, match=match):
+            HippoWriter(DualEncoder(3, 2, 8), **kwargs)
+
+    def test_needs_a_hippo_storage_and_an_encoder(self):
+        from torchrl.data import LazyTensorStorage
+
+        from torchrl_hippo import DualEncoder
+
+        writer = HippoWriter(DualEncoder(3, 2, 8))
+        with pytest.raises(TypeError, match="HippoStorage"):
+            writer.register_storage(LazyTensorStorage(10))
+        with pytest.raises(TypeError, match="encoder"):
+            HippoWriter(torch.nn.Linear(3, 3))
+
+
+def test_writer_state_round_trip_keeps_stitching(tmp_path):
+    data = make_episodes([9, 4])
+    whole = make_buffer(50)
+    whole.extend(data)
+    rb = make_buffer(50)
+    rb.writer.encoder.load_state_dict(whole.writer.encoder.state_dict())
+    rb.extend(data[:5])
+    rb.writer.dumps(tmp_path / "writer")
+    state = rb.writer.state_dict()
+    for restore in ("state_dict", "dumps"):
+        fresh = HippoWriter(rb.writer.encoder)
+        if restore == "state_dict":
+            fresh.load_state_dict(state)
+        else:
+            fresh.loads(tmp_path / "writer")
+        clone = make_buffer(50)
+        clone.storage.load_state_dict(rb.storage.state_dict())
+        clone._writer = fresh
+        fresh.register_storage(clone.storage)
+        clone.extend(data[5:])
+        a, b = stored(whole), stored(clone)
+        assert a["hippo", "step"].tolist() == b["hippo", "step"].tolist()
+        assert a["hippo", "episode"].tolist() == b["hippo", "episode"].tolist()
+        torch.testing.assert_close(a["hippo", "key"], b["hippo", "key"])
+
+
+def test_storage_window_gather_recomputes_stored_keys():
+    rb = make_buffer(30)
+    data = make_episodes([5, 12, 3, 9])
+    rb.extend(data[:10])
+    rb.extend(data[10:])
+    storage = rb.storage
+    encoder = rb.writer.encoder
+    windows = storage.gather_windows(torch.arange(len(storage)), encoder.window)
+    with torch.no_grad():
+        keys = encoder(windows, target=True)["hippo", "key"]
+    torch.testing.assert_close(keys, storage.keys)
+    assert windows["hippo", "window_mask"].sum(1).tolist() == [
+        min(s + 1, 4) for s in stored(rb)["hippo", "step"].tolist()
+    ]
+
+
+def test_windows_ignore_overwritten_history():
+    rb = make_buffer(6)
+    rb.extend(make_episodes([10])[:8])  # rows 0, 1 overwritten by steps 6, 7
+    storage = rb.storage
+    windows = storage.gather_windows(torch.arange(6), 4)
+    steps = stored(rb)["hippo", "step"]
+    # Step 2's history (steps 0, 1) was overwritten: its window holds only itself.
+    row_of_step2 = int((steps == 2).nonzero())
+    assert windows["hippo", "window_mask"][row_of_step2].tolist() == [False, False, False, True]
+
+
+def test_big_writes_are_chunked():
+    rb = make_buffer(200)
+    rb.writer.encode_chunk = 7
+    data = make_episodes([50, 60, 40])
+    rb.extend(data)
+    ref = make_buffer(200)
+    ref.writer.encoder.load_state_dict(rb.writer.encoder.state_dict())
+    ref.extend(data)
+    torch.testing.assert_close(stored(rb)["hippo", "key"], stored(ref)["hippo", "key"])
+
+
+def test_td_without_is_init_or_traj():
+    data = make_episodes([4, 4]).exclude("is_init")
+    rb = make_buffer(20)
+    rb.extend(data)
+    assert stored(rb)["hippo", "episode"].tolist() == [0] * 4 + [1] * 4
+
+
+def test_sampled_batches_can_be_written_back():
+    rb = make_buffer(50)
+    rb.extend(make_episodes([10, 10]))
+    batch = rb.sample()
+    other = make_buffer(50)
+    index = other.extend(batch.exclude("index", "priority_weight"))
+    assert (index >= 0).all()
+    assert isinstance(other.storage.get(index), TensorDict)

@@ -1,0 +1,7 @@
+"""TorchRL replay-buffer parts: storage, writer and sampler of the episodic memory."""
+
+from torchrl_hippo.data.sampler import HippoSampler
+from torchrl_hippo.data.storage import HippoStorage
+from torchrl_hippo.data.writer import HippoWriter
+
+__all__ = ["HippoSampler", "HippoStorage", "HippoWriter"]

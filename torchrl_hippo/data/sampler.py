@@ -1,0 +1,575 @@
+"""HippoSampler: hybrid semantic (top-k retrieval) and uniform sampling of the episodic memory."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data.replay_buffers.samplers import Sampler
+
+from torchrl_hippo.data.storage import HIPPO_KEYS, HippoStorage
+from torchrl_hippo.search import topk_similarity
+
+__all__ = ["HippoSampler"]
+
+_EMPTY = "Cannot sample from an empty memory: extend the replay buffer first."
+
+
+class _Pool:
+    """The retrieval pool: for each query, its top-k rows and their sampling probabilities."""
+
+    __slots__ = ("index", "key", "prob", "queries", "score", "unique_prob", "unique_rows")
+
+    def __init__(self, queries, score, index, temperature, key) -> None:
+        self.queries = queries
+        self.key = key
+        self.set(score, index, temperature)
+
+    def set(self, score: torch.Tensor, index: torch.Tensor, temperature: float) -> None:
+        self.score = score
+        self.index = index
+        q = score.shape[0]
+        self.prob = (torch.softmax(score / temperature, dim=-1) / q).reshape(-1)
+        self.unique_rows, inverse = torch.unique(index.reshape(-1), return_inverse=True)
+        self.unique_prob = torch.zeros(
+            self.unique_rows.shape, dtype=self.prob.dtype, device=self.prob.device
+        ).scatter_add_(0, inverse, self.prob)
+
+    def semantic_prob(self, rows: torch.Tensor) -> torch.Tensor:
+        """Probability that one semantic draw returns each row of ``rows``."""
+        pos = torch.searchsorted(self.unique_rows, rows).clamp_max(self.unique_rows.numel() - 1)
+        hit = self.unique_rows[pos] == rows
+        return torch.where(hit, self.unique_prob[pos], torch.zeros_like(self.unique_prob[pos]))
+
+
+class HippoSampler(Sampler):
+    """Hybrid sampler: a ``mixture_ratio`` share of each batch by semantic retrieval, the rest uniform.
+
+    Each batch of ``B`` draws ``round(B * mixture_ratio)`` items semantically and the rest
+    uniformly (or by priority, once :meth:`update_priority` has been called). Semantic draws
+    search the stored keys with :func:`torchrl_hippo.search.topk_similarity` for the
+    ``top_k`` neighbours of each query, pick a query uniformly, then one of its neighbours
+    with probability ``softmax(similarity / temperature)``.
+
+    Queries come from :meth:`set_query` (raw embeddings, a TensorDict carrying
+    ``("hippo", "key")``, or a TensorDict of windows encoded by the writer's online encoder).
+    Without one, the sampler draws ``num_anchors`` default anchors: stored transitions of
+    episodes chosen with probability ``softmax(z(return) / anchor_temperature)``, ``z`` being
+    the return's z-score among stored episodes, which favours rare high-return episodes.
+
+    The retrieval pool is cached. It is rebuilt when the queries change, when keys change in
+    place (consolidation, eviction, loading), and once more than ``refresh_fraction`` of the
+    memory has been written since the last build; between rebuilds, newly written rows are
+    merged in incrementally (rows overwritten since the build drop out of the pool).
+
+    The sampled batch carries, besides ``"index"``:
+
+    - ``"priority_weight"``: the importance weight ``(p_uniform(i) / p(i)) ** beta`` of the
+      mixture ``p = (1 - m) p_base + m p_semantic``, divided by its largest possible value,
+      which TorchRL's losses read to correct the non-uniform sampling;
+    - ``("hippo", "semantic")``: ``True`` for items drawn by retrieval;
+    - ``("hippo", "similarity")``: the item's similarity to the query it was retrieved for
+      (for uniform items, to the closest query; ``nan`` when no pool is built).
+
+    Args:
+        mixture_ratio (float, optional): share of semantic draws, in ``[0, 1]``.
+            Defaults to ``0.5``.
+        top_k (int, optional): neighbours retrieved per query. Defaults to ``5``.
+        temperature (float, optional): softmax temperature over neighbour similarities,
+            ``> 0``. Defaults to ``0.07``.
+
+    Keyword Args:
+        num_anchors (int, optional): default anchors drawn when no query is set.
+            Defaults to ``16``.
+        anchor_temperature (float, optional): temperature of the anchors' return z-scores.
+            Defaults to ``0.5``.
+        beta (float, optional): exponent of the importance weights, in ``[0, 1]``.
+            Defaults to ``0.4``.
+        priority_alpha (float, optional): exponent applied to priorities. Defaults to ``0.6``.
+        priority_eps (float, optional): added to priorities. Defaults to ``1e-6``.
+        refresh_fraction (float, optional): share of the memory written after which the pool is
+            rebuilt from scratch. Defaults to ``0.05``.
+        search_backend (str, optional): backend of the top-k search. Defaults to ``"auto"``.
+        track_access (bool, optional): count each sampled row's episode access in the episode
+            table (used by importance forgetting). Defaults to ``True``.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchrl.data import TensorDictReplayBuffer
+        >>> from torchrl_hippo import DualEncoder, HippoSampler, HippoStorage, HippoWriter
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> encoder = DualEncoder(observation_dim=3, action_dim=2, embed_dim=16, window=4)
+        >>> rb = TensorDictReplayBuffer(
+        ...     storage=HippoStorage(1000),
+        ...     writer=HippoWriter(encoder),
+        ...     sampler=HippoSampler(mixture_ratio=0.25, top_k=4),
+        ...     batch_size=8,
+        ... )
+        >>> done = torch.zeros(200, 1, dtype=torch.bool)
+        >>> done[19::20] = True
+        >>> _ = rb.extend(TensorDict(
+        ...     {
+        ...         "observation": torch.randn(200, 3),
+        ...         "action": torch.randn(200, 2),
+        ...         "next": {"reward": torch.rand(200, 1), "done": done},
+        ...     },
+        ...     batch_size=[200],
+        ... ))
+        >>> batch = rb.sample()
+        >>> batch["hippo", "semantic"].sum().item()  # round(8 * 0.25) items by retrieval
+        2
+        >>> bool((batch["priority_weight"] <= 1).all())
+        True
+        >>> rb.sampler.set_query(torch.randn(3, 16))  # any [Q, embed_dim] embeddings
+        >>> rb.sample()["index"].shape
+        torch.Size([8])
+    """
+
+    def __init__(
+        self,
+        mixture_ratio: float = 0.5,
+        top_k: int = 5,
+        temperature: float = 0.07,
+        *,
+        num_anchors: int = 16,
+        anchor_temperature: float = 0.5,
+        beta: float = 0.4,
+        priority_alpha: float = 0.6,
+        priority_eps: float = 1e-6,
+        refresh_fraction: float = 0.05,
+        search_backend: str = "auto",
+        track_access: bool = True,
+    ) -> None:
+        self.mixture_ratio = mixture_ratio
+        self.top_k = top_k
+        self.temperature = temperature
+        if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
+            raise ValueError(f"num_anchors must be a positive integer, got {num_anchors!r}.")
+        if not anchor_temperature > 0:
+            raise ValueError(f"anchor_temperature must be > 0, got {anchor_temperature}.")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}.")
+        if not priority_alpha >= 0:
+            raise ValueError(f"priority_alpha must be >= 0, got {priority_alpha}.")
+        if not priority_eps >= 0:
+            raise ValueError(f"priority_eps must be >= 0, got {priority_eps}.")
+        if not 0.0 <= refresh_fraction <= 1.0:
+            raise ValueError(f"refresh_fraction must be in [0, 1], got {refresh_fraction}.")
+        self.num_anchors = num_anchors
+        self.anchor_temperature = float(anchor_temperature)
+        self.beta = float(beta)
+        self.priority_alpha = float(priority_alpha)
+        self.priority_eps = float(priority_eps)
+        self.refresh_fraction = float(refresh_fraction)
+        self.search_backend = search_backend
+        self.track_access = bool(track_access)
+        self._query: torch.Tensor | TensorDictBase | None = None
+        self._query_version = 0
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._pool: _Pool | None = None
+        self._dirty: list[torch.Tensor] = []
+        self._dirty_count = 0
+        self._seen_revision: int | None = None
+        self._priority: torch.Tensor | None = None
+        self._max_priority = 1.0
+        self._cdf: torch.Tensor | None = None
+        self._batches = 0
+        self._ran_out = False
+
+    # ------------------------------------------------------------------ hyper-parameters
+    @property
+    def mixture_ratio(self) -> float:
+        """Share of each batch drawn by semantic retrieval, in ``[0, 1]``."""
+        return self._mixture_ratio
+
+    @mixture_ratio.setter
+    def mixture_ratio(self, value: float) -> None:
+        value = float(value)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"mixture_ratio must be in [0, 1], got {value}.")
+        self._mixture_ratio = value
+
+    @property
+    def top_k(self) -> int:
+        """Neighbours retrieved per query."""
+        return self._top_k
+
+    @top_k.setter
+    def top_k(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"top_k must be a positive integer, got {value!r}.")
+        self._top_k = value
+        self._pool = None
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature over neighbour similarities (``> 0``)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        value = float(value)
+        if not value > 0 or not math.isfinite(value):
+            raise ValueError(f"temperature must be a finite number > 0, got {value}.")
+        self._temperature = value
+        self._pool = None
+
+    # ------------------------------------------------------------------ queries
+    def set_query(self, query: torch.Tensor | TensorDictBase | None) -> None:
+        """Sets the retrieval queries; ``None`` goes back to the default anchors.
+
+        Args:
+            query: raw embeddings ``[Q, embed_dim]`` (or ``[embed_dim]``), L2-normalised here;
+                a TensorDict carrying ``("hippo", "key")`` (e.g. a sampled batch); or a
+                TensorDict of windows (observation, action, reward and mask entries with the
+                window as first feature dimension, see :class:`~torchrl_hippo.DualEncoder`),
+                encoded by the writer's **online** encoder when the pool is next built.
+        """
+        if query is not None and not isinstance(query, (torch.Tensor, TensorDictBase)):
+            raise TypeError(
+                f"query must be a Tensor, a TensorDict or None, got {type(query).__name__}."
+            )
+        if isinstance(query, torch.Tensor):
+            if not query.is_floating_point():
+                raise TypeError(f"query embeddings must be floating point, got {query.dtype}.")
+            if query.ndim == 1:
+                query = query.unsqueeze(0)
+            if query.ndim != 2 or query.shape[0] == 0:
+                raise ValueError(
+                    f"query embeddings must have shape [Q, embed_dim], got {list(query.shape)}."
+                )
+            if not torch.isfinite(query).all():
+                raise ValueError("query embeddings contain NaN or inf values.")
+        elif isinstance(query, TensorDictBase) and query.numel() == 0:
+            raise ValueError("query TensorDict is empty.")
+        self._query = query
+        self._query_version += 1
+        self._pool = None
+
+    def _resolve_queries(self, storage: HippoStorage) -> torch.Tensor:
+        dim = storage.embed_dim
+        dev = storage.table_device
+        query = self._query
+        if query is None:
+            return self._default_anchors(storage)
+        if isinstance(query, TensorDictBase):
+            if HIPPO_KEYS["key"] in query.keys(True, True):
+                query = query.get(HIPPO_KEYS["key"]).reshape(
+                    -1, query.get(HIPPO_KEYS["key"]).shape[-1]
+                )
+            else:
+                encoder = storage.encoder
+                if encoder is None:
+                    raise ValueError(
+                        "set_query got a TensorDict of windows but no encoder is attached to the "
+                        "storage (a HippoWriter attaches its encoder): pass embeddings instead."
+                    )
+                with torch.no_grad():
+                    out = encoder(query.copy())
+                query = out.get(encoder.out_keys[0])
+                query = query.reshape(-1, query.shape[-1])
+        if query.shape[-1] != dim:
+            raise ValueError(
+                f"query embeddings have size {query.shape[-1]}, the memory's keys have size {dim}."
+            )
+        query = query.to(device=dev, dtype=torch.float32)
+        return torch.nn.functional.normalize(query, dim=-1)
+
+    def _default_anchors(self, storage: HippoStorage) -> torch.Tensor:
+        table = storage.episodes
+        alive = table["rows"] > 0
+        ret = table["return"].double()
+        mean = ret[alive].mean()
+        std = ret[alive].std(unbiased=False) if int(alive.sum()) > 1 else ret.new_zeros(())
+        z = torch.where(std > 0, (ret - mean) / std.clamp_min(1e-12), torch.zeros_like(ret))
+        logits = torch.where(alive, z / self.anchor_temperature, -torch.inf)
+        episode_w = torch.softmax(logits, 0)
+        slot = storage.row_slot[: len(storage)]
+        slot_c = slot.clamp_min(0)
+        row_w = torch.where(slot >= 0, episode_w[slot_c] / table["rows"][slot_c].clamp_min(1), 0.0)
+        n = min(self.num_anchors, storage.num_valid)
+        rows = torch.multinomial(row_w.float(), n, replacement=False, generator=self._rng)
+        return storage.keys[rows].float()
+
+    # ------------------------------------------------------------------ pool
+    def _pool_for(self, storage: HippoStorage) -> _Pool:
+        n_valid = storage.num_valid
+        if self.top_k > n_valid:
+            raise ValueError(
+                f"top_k={self.top_k} is larger than the memory: it holds {n_valid} transition(s)."
+            )
+        key = (self._query_version, storage.key_revision)
+        pool = self._pool
+        stale = (
+            pool is None
+            or pool.key != key
+            or self._seen_revision != storage._mutation_revision
+            or self._dirty_count > self.refresh_fraction * n_valid
+        )
+        if not stale and self._dirty:
+            stale = not self._merge_dirty(storage, pool)
+        if stale:
+            pool = self._build_pool(storage, key)
+        self._dirty.clear()
+        self._dirty_count = 0
+        self._seen_revision = storage._mutation_revision
+        return pool
+
+    def _build_pool(self, storage: HippoStorage, key: tuple[int, int]) -> _Pool:
+        queries = self._resolve_queries(storage)
+        valid = storage.valid_mask() if storage.num_free_rows else None
+        score, index = topk_similarity(
+            queries, storage.keys, self.top_k, valid=valid, backend=self.search_backend
+        )
+        self._pool = _Pool(queries, score, index, self.temperature, key)
+        return self._pool
+
+    def _merge_dirty(self, storage: HippoStorage, pool: _Pool) -> bool:
+        rows = torch.cat(self._dirty).unique()
+        rows = rows[storage.row_slot[rows] >= 0]
+        overwritten = torch.isin(pool.index, rows)
+        score = pool.score.masked_fill(overwritten, -torch.inf)
+        new_score = pool.queries @ storage.keys[rows].float().T
+        cand_score = torch.cat([score, new_score], 1)
+        cand_index = torch.cat([pool.index, rows.expand(pool.index.shape[0], -1)], 1)
+        top, pos = cand_score.topk(self.top_k, dim=1)
+        if not torch.isfinite(top).all():
+            return False
+        pool.set(top, cand_index.gather(1, pos), self.temperature)
+        return True
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, storage: HippoStorage, batch_size: int) -> tuple[torch.Tensor, dict]:
+        if not isinstance(storage, HippoStorage):
+            raise TypeError(f"HippoSampler samples a HippoStorage, got {type(storage).__name__}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        n_valid = storage.num_valid if storage.initialized else 0
+        if n_valid == 0:
+            raise RuntimeError(_EMPTY)
+        dev = storage.table_device
+        n_sem = round(batch_size * self.mixture_ratio)
+        n_uni = batch_size - n_sem
+        pool = self._pool_for(storage) if n_sem else None
+
+        uni_rows = self._sample_base(storage, n_uni)
+        if pool is not None:
+            pos = torch.multinomial(pool.prob, n_sem, replacement=True, generator=self._rng)
+            sem_rows = pool.index.reshape(-1)[pos]
+            sem_sim = pool.score.reshape(-1)[pos]
+            uni_sim = (
+                (storage.keys[uni_rows].float() @ pool.queries.T).amax(1) if n_uni else sem_sim[:0]
+            )
+        else:
+            sem_rows = uni_rows[:0]
+            sem_sim = torch.empty(0, device=dev)
+            uni_sim = torch.full((n_uni,), torch.nan, device=dev)
+        index = torch.cat([sem_rows, uni_rows])
+        semantic = torch.zeros(batch_size, dtype=torch.bool, device=dev)
+        semantic[:n_sem] = True
+        similarity = torch.cat([sem_sim, uni_sim])
+        weight = self._importance_weight(storage, index, pool, n_sem / batch_size)
+
+        perm = (
+            torch.randperm(batch_size, generator=self._rng, device=dev) if n_sem and n_uni else None
+        )
+        if perm is not None:
+            index, semantic, similarity, weight = (
+                t[perm] for t in (index, semantic, similarity, weight)
+            )
+        if self.track_access:
+            storage.mark_access(index)
+        self._batches += 1
+        if self._batches >= math.ceil(n_valid / batch_size):
+            self._ran_out = True
+            self._batches = 0
+        info = {
+            "priority_weight": weight.float(),
+            ("hippo", "semantic"): semantic,
+            ("hippo", "similarity"): similarity.float(),
+        }
+        return index, info
+
+    def _base_probs(self, storage: HippoStorage) -> torch.Tensor | None:
+        """Per-row probabilities of the non-semantic draws when priorities are in use."""
+        if self._priority is None:
+            return None
+        if self._cdf is None:
+            n = len(storage)
+            p = (self._priority[:n] + self.priority_eps).pow(self.priority_alpha)
+            p = torch.where(storage.valid_mask(), p, torch.zeros_like(p))
+            self._cdf = torch.cumsum(p.double(), 0)
+        return self._cdf
+
+    def _sample_base(self, storage: HippoStorage, n: int) -> torch.Tensor:
+        dev = storage.table_device
+        if n == 0:
+            return torch.empty(0, dtype=torch.int64, device=dev)
+        cdf = self._base_probs(storage)
+        if cdf is not None:
+            u = torch.rand(n, generator=self._rng, device=dev, dtype=torch.float64) * cdf[-1]
+            return torch.searchsorted(cdf, u, right=True).clamp_max(cdf.numel() - 1)
+        rows = storage._rand_given_ndim(n)
+        if storage.num_free_rows:
+            # Rejection sampling over the free (evicted) rows, which are a small share.
+            bad = storage.row_slot[rows] < 0
+            while bool(bad.any()):
+                rows[bad] = storage._rand_given_ndim(int(bad.sum()))
+                bad = storage.row_slot[rows] < 0
+        return rows
+
+    def _importance_weight(
+        self, storage: HippoStorage, index: torch.Tensor, pool: _Pool | None, m: float
+    ) -> torch.Tensor:
+        n_valid = storage.num_valid
+        uniform = 1.0 / n_valid
+        cdf = self._base_probs(storage)
+        if cdf is None:
+            base = torch.full(index.shape, uniform, dtype=torch.float64, device=index.device)
+            base_min = uniform
+        else:
+            mass = torch.diff(cdf, prepend=cdf.new_zeros(1))
+            base = mass[index] / cdf[-1]
+            base_min = float(
+                (mass[mass > 0].min() if bool((mass > 0).any()) else cdf[-1]) / cdf[-1]
+            )
+        if pool is None or m == 0.0:
+            if cdf is None:
+                return torch.ones(index.shape, dtype=torch.float64, device=index.device)
+            prob, prob_min = base, base_min
+        else:
+            sem = pool.semantic_prob(index).double()
+            prob = (1 - m) * base + m * sem
+            covers_all = pool.unique_rows.numel() >= n_valid
+            sem_min = float(pool.unique_prob.min()) if covers_all else 0.0
+            prob_min = (1 - m) * base_min + m * sem_min
+        weight = (uniform / prob).pow(self.beta)
+        if prob_min > 0:
+            return weight / (uniform / prob_min) ** self.beta
+        return weight / weight.max()
+
+    @property
+    def ran_out(self) -> bool:
+        """``True`` once a pass of ``ceil(len / batch_size)`` batches has been drawn."""
+        return self._ran_out
+
+    @ran_out.setter
+    def ran_out(self, value: bool) -> None:
+        self._ran_out = bool(value)
+        if not value:
+            self._batches = 0
+
+    # ------------------------------------------------------------------ updates
+    def extend(self, index: torch.Tensor) -> None:
+        if self._priority is None:
+            return
+        index = torch.as_tensor(index).reshape(-1)
+        index = index[index >= 0].to(self._priority.device)
+        self._priority[index] = self._max_priority
+        self._cdf = None
+
+    def add(self, index: int | torch.Tensor) -> None:
+        self.extend(torch.as_tensor(index))
+
+    def mark_update(
+        self, index: int | torch.Tensor, *, storage: HippoStorage | None = None
+    ) -> None:
+        index = torch.as_tensor(index).reshape(-1)
+        self._dirty.append(index[index >= 0])
+        self._dirty_count += index.numel()
+        if storage is not None:
+            self._seen_revision = storage._mutation_revision
+        self._cdf = None
+
+    def update_priority(
+        self,
+        index: int | torch.Tensor,
+        priority: float | torch.Tensor,
+        *,
+        storage: HippoStorage | None = None,
+    ) -> None:
+        """Sets the priority of rows; from then on the non-semantic draws follow priorities.
+
+        Rows are drawn with probability ``(priority + eps) ** alpha`` (normalised), new rows
+        entering with the largest priority seen. Pure torch: no C++ segment tree.
+        """
+        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        priority = torch.as_tensor(priority, dtype=torch.float64).reshape(-1)
+        if priority.numel() == 1:
+            priority = priority.expand(index.numel())
+        if priority.numel() != index.numel():
+            raise ValueError(f"priority has {priority.numel()} values for {index.numel()} indices.")
+        if not torch.isfinite(priority).all() or bool((priority < 0).any()):
+            raise ValueError("priority must be finite and >= 0.")
+        if self._priority is None:
+            if storage is None:
+                raise ValueError("the first update_priority call needs the storage (storage=...).")
+            self._priority = torch.ones(
+                storage.max_size, dtype=torch.float64, device=storage.table_device
+            )
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self._priority.numel()):
+            raise ValueError(
+                f"index out of range: expected rows in [0, {self._priority.numel()}), got "
+                f"[{int(index.min())}, {int(index.max())}]."
+            )
+        index = index.to(self._priority.device)
+        self._priority[index] = priority.to(self._priority.device)
+        if priority.numel():
+            self._max_priority = max(self._max_priority, float(priority.max()))
+        self._cdf = None
+
+    # ------------------------------------------------------------------ contract
+    def _empty(self) -> None:
+        self._reset_state()
+
+    def state_dict(self) -> dict[str, Any]:
+        query = self._query
+        return {
+            "mixture_ratio": self.mixture_ratio,
+            "top_k": self.top_k,
+            "temperature": self.temperature,
+            "query": query if isinstance(query, torch.Tensor) else None,
+            "query_td": query.state_dict() if isinstance(query, TensorDictBase) else None,
+            "query_version": self._query_version,
+            "priority": self._priority,
+            "max_priority": self._max_priority,
+            "batches": self._batches,
+            "ran_out": self._ran_out,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.mixture_ratio = state_dict["mixture_ratio"]
+        self.top_k = int(state_dict["top_k"])
+        self.temperature = state_dict["temperature"]
+        query = state_dict["query"]
+        if state_dict.get("query_td") is not None:
+            query = TensorDict().load_state_dict(state_dict["query_td"], strict=False).clone()
+        self._reset_state()
+        self._query = query
+        self._query_version = int(state_dict["query_version"])
+        priority = state_dict["priority"]
+        self._priority = None if priority is None else priority.clone()
+        self._max_priority = float(state_dict["max_priority"])
+        self._batches = int(state_dict["batches"])
+        self._ran_out = bool(state_dict["ran_out"])
+
+    def dumps(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), path / "hippo_sampler.pt")
+
+    def loads(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(Path(path) / "hippo_sampler.pt", weights_only=True))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(mixture_ratio={self.mixture_ratio}, top_k={self.top_k}, "
+            f"temperature={self.temperature})"
+        )

@@ -1,0 +1,419 @@
+"""HippoStorage: a TorchRL tensor storage that also keeps the memory's episode table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import NestedKey, TensorDict, is_tensor_collection
+from torchrl.data import LazyTensorStorage
+
+__all__ = ["HIPPO_KEYS", "HippoStorage"]
+
+#: The memory's own per-transition entries, stored under the ``"hippo"`` sub-TensorDict.
+HIPPO_KEYS: dict[str, NestedKey] = {
+    "key": ("hippo", "key"),
+    "episode": ("hippo", "episode"),
+    "step": ("hippo", "step"),
+    "return": ("hippo", "return"),
+    "key_version": ("hippo", "key_version"),
+    "prev": ("hippo", "prev"),
+}
+
+_TABLE_FIELDS: dict[str, torch.dtype] = {
+    "id": torch.int64,  # global episode id, -1 for a free slot
+    "return": torch.float32,  # running sum of rewards, final once ``done``
+    "length": torch.int64,  # steps seen so far (written or not)
+    "rows": torch.int64,  # rows of this episode alive in the storage
+    "access": torch.int64,  # times a row of this episode was sampled
+    "inserted": torch.int64,  # storage clock (rows written) when the episode began
+    "updated": torch.int64,  # storage clock at the episode's last write
+    "done": torch.bool,  # the episode has ended (or was abandoned)
+}
+_MIN_TABLE = 256
+
+
+class HippoStorage(LazyTensorStorage):
+    """Episodic-memory storage: the collector's TensorDicts, their keys, and an episode table.
+
+    A :class:`~torchrl.data.LazyTensorStorage` (so a :class:`~torchrl.data.TensorStorage`)
+    that is initialised from the first write and holds, for every stored transition, the
+    collector's entries as they come plus the memory's entries under ``"hippo"``:
+
+    - ``("hippo", "key")``: ``[embed_dim]`` L2-normalised embedding of the window ending here;
+    - ``("hippo", "episode")``: global episode id, ``-1`` for a free (evicted) row;
+    - ``("hippo", "step")``: step index inside the episode;
+    - ``("hippo", "return")``: the episode's return; reads (:meth:`get`) always serve the
+      episode table's current value: the running sum while the episode lasts, the final
+      return once it has ended;
+    - ``("hippo", "key_version")``: the encoder's update count when the key was computed;
+    - ``("hippo", "prev")``: storage row of the previous step of the same episode, or ``-1``.
+
+    Beside the rows it keeps a per-episode table (:attr:`episodes`, a
+    :class:`~tensordict.TensorDict` of tensors on the storage device) with each episode's
+    ``id``, ``return``, ``length``, live ``rows``, ``access`` count, ``inserted`` and
+    ``updated`` times (in rows written, see :attr:`clock`) and ``done`` flag.
+
+    The storage is written by :class:`~torchrl_hippo.HippoWriter`, which segments episodes and
+    computes keys, and read by :class:`~torchrl_hippo.HippoSampler`.
+
+    Args:
+        max_size (int): the number of transitions the memory holds.
+
+    Keyword Args:
+        device (torch.device or str, optional): where rows and tables live. ``"auto"`` takes
+            the device of the first batch written. Defaults to ``"cpu"``.
+        key_dtype (torch.dtype, optional): dtype of the stored keys (``torch.float16`` or
+            ``torch.bfloat16`` halve the memory of the index). Defaults to ``torch.float32``.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchrl.data import TensorDictReplayBuffer
+        >>> from torchrl_hippo import DualEncoder, HippoSampler, HippoStorage, HippoWriter
+        >>> encoder = DualEncoder(observation_dim=3, action_dim=2, embed_dim=16, window=4)
+        >>> rb = TensorDictReplayBuffer(
+        ...     storage=HippoStorage(100),
+        ...     writer=HippoWriter(encoder),
+        ...     sampler=HippoSampler(mixture_ratio=0.5, top_k=3),
+        ...     batch_size=8,
+        ... )
+        >>> done = torch.zeros(10, 1, dtype=torch.bool)
+        >>> done[4] = done[9] = True
+        >>> data = TensorDict(
+        ...     {
+        ...         "observation": torch.randn(10, 3),
+        ...         "action": torch.randn(10, 2),
+        ...         "next": {"reward": torch.ones(10, 1), "done": done},
+        ...     },
+        ...     batch_size=[10],
+        ... )
+        >>> index = rb.extend(data)
+        >>> len(rb.storage), rb.storage.num_episodes
+        (10, 2)
+        >>> rb.storage.get(torch.arange(10))["hippo", "return"]
+        tensor([5., 5., 5., 5., 5., 5., 5., 5., 5., 5.])
+        >>> rb.storage.get(torch.arange(10))["hippo", "step"]
+        tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
+    """
+
+    def __init__(
+        self,
+        max_size: int,
+        *,
+        device: torch.device | str = "cpu",
+        key_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
+            raise ValueError(f"max_size must be a positive integer, got {max_size!r}.")
+        if not isinstance(key_dtype, torch.dtype) or not key_dtype.is_floating_point:
+            raise TypeError(f"key_dtype must be a floating torch.dtype, got {key_dtype!r}.")
+        super().__init__(max_size, device=device)
+        self.key_dtype = key_dtype
+        #: The encoder of the writer attached to this storage (set by HippoWriter), used to
+        #: encode query windows. Not part of the storage's state.
+        self.encoder = None
+        self._reset_bookkeeping()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _reset_bookkeeping(self) -> None:
+        self.episodes: TensorDict | None = None
+        self._row_slot: torch.Tensor | None = None
+        self._free_slots: torch.Tensor | None = None
+        self._num_free_slots = 0
+        self._free_rows: torch.Tensor | None = None
+        self._num_free_rows = 0
+        self.next_episode_id = 0
+        self.clock = 0
+        self.key_revision = 0
+
+    @property
+    def table_device(self) -> torch.device:
+        """The device of the rows and of the episode table."""
+        if self.device == "auto":
+            return torch.device("cpu")
+        return torch.device(self.device)
+
+    def _ensure_tables(self, device: torch.device | None = None) -> None:
+        if self.device == "auto" and device is not None:
+            self.device = device
+        if self.episodes is not None:
+            return
+        dev = self.table_device
+        self._row_slot = torch.full((self.max_size,), -1, dtype=torch.int64, device=dev)
+        self._free_rows = torch.empty(self.max_size, dtype=torch.int64, device=dev)
+        self._num_free_rows = 0
+        self.episodes = self._new_table(0, dev)
+        self._free_slots = torch.empty(0, dtype=torch.int64, device=dev)
+        self._num_free_slots = 0
+        self._grow_table(min(self.max_size, _MIN_TABLE))
+
+    @staticmethod
+    def _new_table(size: int, device: torch.device) -> TensorDict:
+        table = TensorDict(
+            {
+                name: torch.zeros(size, dtype=dtype, device=device)
+                for name, dtype in _TABLE_FIELDS.items()
+            },
+            batch_size=[size],
+            device=device,
+        )
+        table["id"].fill_(-1)
+        return table
+
+    def _grow_table(self, min_free: int) -> None:
+        old = self.episodes
+        size = old.shape[0]
+        new_size = max(size * 2, size + min_free, _MIN_TABLE)
+        table = self._new_table(new_size, old.device)
+        table[:size] = old
+        self.episodes = table
+        free = torch.empty(new_size, dtype=torch.int64, device=old.device)
+        n = self._num_free_slots
+        # New slots go below the existing free ones so that low slots are reused first.
+        added = torch.arange(new_size - 1, size - 1, -1, device=old.device)
+        free[: added.numel()] = added
+        free[added.numel() : added.numel() + n] = self._free_slots[:n]
+        self._free_slots = free
+        self._num_free_slots = n + added.numel()
+
+    def allocate_slots(self, n: int) -> torch.Tensor:
+        """Takes ``n`` free rows of the episode table and returns their slots."""
+        self._ensure_tables()
+        if n > self._num_free_slots:
+            self._grow_table(n - self._num_free_slots)
+        top = self._num_free_slots
+        slots = self._free_slots[top - n : top].flip(0).clone()
+        self._num_free_slots = top - n
+        return slots
+
+    def release_slots(self, slots: torch.Tensor) -> None:
+        """Returns episode-table slots to the free list and clears them."""
+        n = slots.numel()
+        if not n:
+            return
+        self.episodes[slots] = self._new_table(n, self.episodes.device)
+        self._free_slots[self._num_free_slots : self._num_free_slots + n] = slots
+        self._num_free_slots += n
+
+    def new_episode_ids(self, n: int) -> torch.Tensor:
+        """Returns ``n`` fresh global episode ids (unique for the life of the memory)."""
+        ids = torch.arange(self.next_episode_id, self.next_episode_id + n, device=self.table_device)
+        self.next_episode_id += n
+        return ids
+
+    def push_free_rows(self, rows: torch.Tensor) -> None:
+        """Marks storage rows as free (evicted) so a writer can reuse them."""
+        n = rows.numel()
+        self._free_rows[self._num_free_rows : self._num_free_rows + n] = rows
+        self._num_free_rows += n
+
+    def pop_free_rows(self, n: int) -> torch.Tensor:
+        """Takes ``n`` free rows (lowest first is not guaranteed)."""
+        if n > self._num_free_rows:
+            raise RuntimeError(f"asked for {n} free rows, only {self._num_free_rows} are free.")
+        top = self._num_free_rows
+        self._num_free_rows = top - n
+        return self._free_rows[top - n : top].clone()
+
+    @property
+    def num_free_rows(self) -> int:
+        """Rows below the high-water mark that hold no transition (evicted, not yet reused)."""
+        return self._num_free_rows
+
+    @property
+    def num_valid(self) -> int:
+        """The number of transitions the memory holds (``len(self)`` less the free rows)."""
+        return len(self) - self._num_free_rows
+
+    @property
+    def num_episodes(self) -> int:
+        """The number of episodes with at least one row in the memory."""
+        if self.episodes is None:
+            return 0
+        return int((self.episodes["rows"] > 0).sum())
+
+    @property
+    def row_slot(self) -> torch.Tensor:
+        """Episode-table slot of every storage row (``-1`` for free rows), shape ``[max_size]``."""
+        self._ensure_tables()
+        return self._row_slot
+
+    def valid_mask(self) -> torch.Tensor:
+        """Bool mask over the first ``len(self)`` rows: ``True`` where a transition is stored."""
+        self._ensure_tables()
+        return self._row_slot[: len(self)] >= 0
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """The stored keys, ``[len(self), embed_dim]`` (a view, free rows included)."""
+        if not self.initialized:
+            raise RuntimeError("The memory is empty: no key has been written yet.")
+        return self._storage.get(HIPPO_KEYS["key"])[: len(self)]
+
+    @property
+    def embed_dim(self) -> int | None:
+        """The size of the stored keys, or ``None`` before the first write."""
+        if not self.initialized:
+            return None
+        return self._storage.get(HIPPO_KEYS["key"]).shape[-1]
+
+    def mark_access(self, index: torch.Tensor) -> None:
+        """Counts one access for the episode of each (valid) row in ``index``."""
+        slots = self._row_slot[index.reshape(-1)]
+        slots = slots[slots >= 0]
+        self.episodes["access"].index_add_(0, slots, torch.ones_like(slots))
+
+    def bump_key_revision(self) -> None:
+        """Signals that stored keys changed in place (refresh, eviction, load)."""
+        self.key_revision += 1
+
+    # ------------------------------------------------------------------ reads
+    def get(self, index: Any) -> Any:
+        """Reads rows; ``("hippo", "return")`` comes from the episode table."""
+        out = super().get(index)
+        if is_tensor_collection(out) and self.episodes is not None:
+            slots = self._row_slot[: self._len_along_dim0][index]
+            ret = self.episodes["return"][slots.clamp_min(0)]
+            ret = torch.where(slots >= 0, ret, torch.full_like(ret, float("nan")))
+            out.set(HIPPO_KEYS["return"], ret.to(out.device) if out.device is not None else ret)
+        return out
+
+    def gather_windows(
+        self,
+        index: torch.Tensor,
+        window: int,
+        *,
+        keys: tuple[NestedKey, ...] = ("observation", "action", ("next", "reward")),
+        mask_key: NestedKey = ("hippo", "window_mask"),
+    ) -> TensorDict:
+        """Gathers the trailing window of ``window`` steps ending at each row of ``index``.
+
+        Follows the ``("hippo", "prev")`` links, so it works whatever the rows' placement.
+        Steps before the episode's start, or already overwritten, are zero and masked out.
+
+        Returns:
+            a TensorDict of batch ``index.shape`` whose entries carry the window as their
+            first feature dimension (``[*index.shape, window, *feature]``), plus ``mask_key``,
+            ``True`` for real steps, the last position being the row itself.
+        """
+        if not self.initialized:
+            raise RuntimeError("Cannot gather windows from an empty memory.")
+        flat = index.reshape(-1).to(self.table_device)
+        episode = self._storage.get(HIPPO_KEYS["episode"])
+        step = self._storage.get(HIPPO_KEYS["step"])
+        prev = self._storage.get(HIPPO_KEYS["prev"])
+        rows = torch.empty(flat.numel(), window, dtype=torch.int64, device=flat.device)
+        mask = torch.empty(flat.numel(), window, dtype=torch.bool, device=flat.device)
+        cur = flat
+        ok = self._row_slot[flat] >= 0
+        ep0, st0 = episode[flat], step[flat]
+        for j in range(window - 1, -1, -1):
+            rows[:, j] = cur.clamp_min(0)
+            mask[:, j] = ok
+            back = window - 1 - j
+            nxt = prev[cur.clamp_min(0)]
+            # A link is only followed while it still points at the same episode's previous step.
+            ok = ok & (nxt >= 0)
+            nxt_c = nxt.clamp_min(0)
+            ok = ok & (episode[nxt_c] == ep0) & (step[nxt_c] == st0 - back - 1)
+            cur = nxt
+        data = self._storage.select(*keys)[rows]
+        data = data.apply(lambda x: x * expand_mask(mask, x).to(x.dtype))
+        data.batch_size = rows.shape[:1]
+        data.set(mask_key, mask)
+        return data.reshape(index.shape)
+
+    # ------------------------------------------------------------------ contract
+    def _empty(self) -> None:
+        super()._empty()
+        self._reset_bookkeeping()
+        self.initialized = False
+        self._storage = None
+        self.bump_key_revision()
+
+    def _bookkeeping_state(self) -> dict[str, Any]:
+        return {
+            "episodes": self.episodes.to_dict() if self.episodes is not None else None,
+            "row_slot": self._row_slot,
+            "free_slots": self._free_slots,
+            "num_free_slots": self._num_free_slots,
+            "free_rows": self._free_rows,
+            "num_free_rows": self._num_free_rows,
+            "next_episode_id": self.next_episode_id,
+            "clock": self.clock,
+        }
+
+    def _load_bookkeeping_state(self, state: dict[str, Any]) -> None:
+        dev = self.table_device
+        if state["episodes"] is None:
+            self._reset_bookkeeping()
+            return
+        table = TensorDict(state["episodes"], device=dev)
+        table.batch_size = table["id"].shape
+        self.episodes = table.clone()
+        self._row_slot = state["row_slot"].to(dev).clone()
+        self._free_slots = state["free_slots"].to(dev).clone()
+        self._num_free_slots = int(state["num_free_slots"])
+        self._free_rows = state["free_rows"].to(dev).clone()
+        self._num_free_rows = int(state["num_free_rows"])
+        self.next_episode_id = int(state["next_episode_id"])
+        self.clock = int(state["clock"])
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["hippo"] = self._bookkeeping_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "hippo" not in state_dict:
+            raise KeyError("state_dict has no 'hippo' entry: it was not made by a HippoStorage.")
+        if state_dict["_storage"] or state_dict["initialized"]:
+            super().load_state_dict(state_dict)
+        self._load_bookkeeping_state(state_dict["hippo"])
+        self.bump_key_revision()
+
+    def dumps(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.initialized:
+            super().dumps(path)
+        state = self._bookkeeping_state()
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if state["episodes"] is not None:
+            self.episodes.memmap(path / "episodes", copy_existing=True)
+            TensorDict(tensors, batch_size=[]).memmap(path / "bookkeeping", copy_existing=True)
+        meta = {k: v for k, v in state.items() if isinstance(v, int)}
+        meta.update(initialized=self.initialized, has_tables=state["episodes"] is not None)
+        with open(path / "hippo_metadata.json", "w") as file:
+            json.dump(meta, file)
+
+    def loads(self, path: str | Path) -> None:
+        path = Path(path)
+        with open(path / "hippo_metadata.json") as file:
+            meta = json.load(file)
+        if meta["initialized"]:
+            super().loads(path)
+        else:
+            self._empty()
+        if not meta["has_tables"]:
+            self._reset_bookkeeping()
+        else:
+            tensors = TensorDict.load_memmap(path / "bookkeeping").to_dict()
+            episodes = TensorDict.load_memmap(path / "episodes").to_dict()
+            state = {**meta, **tensors, "episodes": episodes}
+            self._load_bookkeeping_state(state)
+        self.bump_key_revision()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(max_size={self.max_size}, len={len(self)}, "
+            f"episodes={self.num_episodes}, device={self.device}, key_dtype={self.key_dtype})"
+        )
+
+
+def expand_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Expands a ``[N, W]`` mask to the trailing shape of ``like`` (``[N, W, *feature]``)."""
+    return mask.reshape(*mask.shape, *([1] * (like.ndim - mask.ndim)))
