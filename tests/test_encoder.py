@@ -154,6 +154,27 @@ def test_forward_without_mask_entry_means_all_real(encoder):
     torch.testing.assert_close(encoder(td)["hippo", "key"], with_mask)
 
 
+def test_batch_dims_and_integer_action_layouts(encoder):
+    obs, action, reward, mask = make_windows(4, OBS_DIM, ACT_DIM, WINDOW)
+    ref = encoder.encode(obs, action, reward, mask)
+    torch.testing.assert_close(encoder.encode(obs, action, reward), ref)
+    torch.testing.assert_close(encoder.encode(obs, action.unsqueeze(-1), reward), ref)
+    torch.testing.assert_close(
+        encoder.encode(obs, action.unsqueeze(-1), reward.squeeze(-1), batch_dims=1), ref
+    )
+    with pytest.raises(ValueError, match="batch_dims"):
+        encoder.encode(obs, action, reward, batch_dims=-1)
+
+
+def test_double_precision_module(encoder):
+    encoder.double()
+    obs, action, reward, mask = make_windows(4, OBS_DIM, ACT_DIM, WINDOW)
+    for target in (False, True):
+        keys = encoder.encode(obs, action, reward, mask, target=target)
+        assert keys.dtype == torch.float64
+        torch.testing.assert_close(keys.norm(dim=-1), torch.ones(4, dtype=torch.float64))
+
+
 def test_reward_and_observation_layouts(encoder):
     obs, action, reward, mask = make_windows(9, OBS_DIM, ACT_DIM, WINDOW)
     ref = encoder.encode(obs, action, reward, mask)
@@ -197,25 +218,38 @@ def test_short_windows_align_on_the_last_step(encoder, length):
     torch.testing.assert_close(short, padded)
 
 
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no_mask"])
 @pytest.mark.parametrize(
-    "layout", ["index", "index_1", "int32", "bool"], ids=lambda s: f"action_{s}"
+    "layout",
+    ["index", "index_1", "int32", "bool", "int_one_hot", "bool_one_hot"],
+    ids=lambda s: f"action_{s}",
 )
-def test_integer_actions_equal_their_one_hot(layout):
+def test_integer_actions_equal_their_one_hot(layout, with_mask):
     action_dim = 2 if layout == "bool" else ACT_DIM
     enc = DualEncoder(OBS_DIM, action_dim, EMBED, window=WINDOW, hidden_dim=32)
     obs, index, reward, mask = make_windows(8, OBS_DIM, action_dim, WINDOW)
-    one_hot = nn.functional.one_hot(index, action_dim).float()
+    one_hot = nn.functional.one_hot(index, action_dim)
     action = {
         "index": index,
         "index_1": index.unsqueeze(-1),
         "int32": index.int(),
         "bool": index.bool(),
+        "int_one_hot": one_hot,  # what TorchRL's OneHot action specs produce
+        "bool_one_hot": one_hot.bool(),
     }[layout]
+    mask = mask if with_mask else None
     for target in (False, True):
         torch.testing.assert_close(
             enc.encode(obs, action, reward, mask, target=target),
-            enc.encode(obs, one_hot, reward, mask, target=target),
+            enc.encode(obs, one_hot.float(), reward, mask, target=target),
         )
+
+
+def test_forward_with_integer_one_hot_actions(encoder):
+    td = make_td(batch=(2, 3))
+    ref = encoder(td.clone())["hippo", "key"]
+    td["action"] = nn.functional.one_hot(td["action"], ACT_DIM)
+    torch.testing.assert_close(encoder(td)["hippo", "key"], ref)
 
 
 def test_observation_encoder_is_used_and_copied():
@@ -398,6 +432,11 @@ def _bad_inputs():
             (obs, torch.randn(n, w, ACT_DIM + 1), reward, mask),
             ValueError,
             "action_dim",
+        ),
+        "int_action_width": (
+            (obs, torch.zeros(n, w, ACT_DIM + 1, dtype=torch.long), reward, mask),
+            ValueError,
+            "integer one-hot",
         ),
         "action_range": ((obs, torch.full((n, w), ACT_DIM), reward, mask), ValueError, "action"),
         "action_negative": ((obs, torch.full((n, w), -1), reward, mask), ValueError, "action"),

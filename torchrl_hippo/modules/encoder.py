@@ -119,9 +119,9 @@ class _WindowNet(nn.Module):
                     f"observation_encoder must map [N, *obs_shape] to [N, observation_dim="
                     f"{expected}], got {list(features.shape)} from {list(observation.shape[1:])}."
                 )
-            features = features.reshape(n, w, -1)
+            features = features.reshape(n, w, expected)
         else:
-            features = observation.reshape(n, w, -1)
+            features = observation.flatten(2)
         h = self.step(torch.cat([features, action, reward], dim=-1))
         h = (h + self.position[self.window - w :]) * mask.unsqueeze(-1).to(h.dtype)
         if w < self.window:  # a short window fills the last positions; the first are empty
@@ -153,8 +153,10 @@ class DualEncoder(TensorDictModuleBase):
 
     - observation: ``[*B, W, observation_dim]``, or ``[*B, W, *obs_shape]`` that is flattened to
       ``observation_dim`` features (or mapped there by ``observation_encoder``), floating point;
-    - action: ``[*B, W, action_dim]`` floating point (one-hot or continuous), or an integer or
-      bool category index of shape ``[*B, W]`` or ``[*B, W, 1]``, turned into a one-hot vector;
+    - action: ``[*B, W, action_dim]`` (one-hot or continuous; integer one-hot vectors, as
+      TorchRL's ``OneHot`` specs produce, are used as floats), or an integer or bool category
+      index of shape ``[*B, W]`` or ``[*B, W, 1]``, turned into a one-hot vector (with
+      ``action_dim=1``, ``[*B, W, 1]`` is an index);
     - reward: ``[*B, W, 1]`` or ``[*B, W]``;
     - mask: ``[*B, W]`` bool, ``True`` for real steps. Positions before the episode start are
       ``False``; whatever they hold is ignored. Without a mask entry every step is real. The
@@ -360,8 +362,8 @@ class DualEncoder(TensorDictModuleBase):
 
         Args:
             observation (Tensor): ``[*B, W, observation_dim]`` or ``[*B, W, *obs_shape]``.
-            action (Tensor): ``[*B, W, action_dim]`` floating point, or an integer or bool
-                category index of shape ``[*B, W]`` or ``[*B, W, 1]``.
+            action (Tensor): ``[*B, W, action_dim]`` (floating point, or an integer one-hot),
+                or an integer or bool category index of shape ``[*B, W]`` or ``[*B, W, 1]``.
             reward (Tensor): ``[*B, W, 1]`` or ``[*B, W]``.
             mask (Tensor, optional): ``[*B, W]`` bool, ``True`` for real steps.
                 Defaults to ``None`` (all steps are real).
@@ -370,9 +372,11 @@ class DualEncoder(TensorDictModuleBase):
             target (bool, optional): use the target network (stored keys, computed without
                 gradient) instead of the online one (queries). Defaults to ``False``.
             batch_dims (int, optional): the number of batch dims ``len(B)``. When ``None`` it is
-                read from ``mask`` (``mask.ndim - 1``), else from a floating-point ``action``,
-                else from an integer ``action`` (a trailing dim of size 1 is taken as the
-                index dim). Give it when an integer action without mask is ambiguous.
+                read from ``mask`` (``mask.ndim - 1``), else from a floating-point ``action``
+                (``action.ndim - 2``), else from an integer ``action``, whose trailing dim of
+                size 1 (or ``action_dim``) is read as the index (or one-hot) dim unless the
+                reward and observation shapes only fit ``[*B, W]``. :meth:`forward` passes the
+                TensorDict's batch dims.
                 Defaults to ``None``.
 
         Returns:
@@ -519,9 +523,13 @@ class DualEncoder(TensorDictModuleBase):
                 raise ValueError(
                     "action: expected shape [*B, W] or [*B, W, 1], got a 0-dim tensor."
                 )
-            # An integer action [..., 1] reads as [*B, W, 1] or as [*B, W] with W=1: take the
-            # first reading that fits the reward and the observation.
-            candidates = [action.shape[:-1], action.shape] if action.shape[-1] == 1 else []
+            # An integer action reads as an index [*B, W, 1] or [*B, W], or as a one-hot vector
+            # [*B, W, action_dim]: take the first reading that fits the reward and observation.
+            candidates = [action.shape]
+            if action.shape[-1] == 1 or (
+                self.action_dim > 1 and action.shape[-1] == self.action_dim
+            ):
+                candidates.insert(0, action.shape[:-1])
             fitting = [c for c in candidates if len(c) and self._fits(c, observation, reward)]
             lead = fitting[0] if fitting else action.shape
         lead = torch.Size(lead)
@@ -549,8 +557,15 @@ class DualEncoder(TensorDictModuleBase):
                 raise shape_error("action", f"[*B, W, action_dim={self.action_dim}]", action)
         elif action.is_complex():
             raise TypeError(f"action must be a real tensor, got dtype {action.dtype}.")
-        elif action.shape != lead and action.shape != (*lead, 1):
-            raise shape_error("action", "[*B, W] or [*B, W, 1] (integer index)", action)
+        elif action.shape not in (lead, (*lead, 1)) and not (
+            self.action_dim > 1 and action.shape == (*lead, self.action_dim)
+        ):
+            raise shape_error(
+                "action",
+                f"[*B, W] or [*B, W, 1] (integer index) or [*B, W, action_dim={self.action_dim}] "
+                "(integer one-hot)",
+                action,
+            )
         return lead
 
     def _fits(self, lead: torch.Size, observation: Tensor, reward: Tensor) -> bool:
@@ -567,7 +582,8 @@ class DualEncoder(TensorDictModuleBase):
     ) -> Tensor:
         """Returns ``[N, W, action_dim]`` features, zero at masked steps."""
         n, w = mask.shape
-        if action.is_floating_point():
+        one_hot = self.action_dim > 1 and action.shape == (*lead, self.action_dim)
+        if action.is_floating_point() or one_hot:
             act = action.reshape(n, w, self.action_dim).to(dtype)
             return torch.where(
                 mask.unsqueeze(-1), act, torch.zeros((), dtype=dtype, device=act.device)
