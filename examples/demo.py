@@ -30,8 +30,8 @@ The retrieval share is far above the uniform one: that is the memory at work, re
 rare good episodes more often (and ``"priority_weight"`` keeping the loss unbiased).
 TensorBoard logs go to ``runs/demo/<run name>`` (``tensorboard --logdir runs/demo``).
 
-Note: the env uses ``categorical_action_encoding=True`` (an integer action index): the
-encoder reads that as two discrete actions (``action_dim=2``).
+CartPole's action is GymEnv's default int64 one-hot vector of size 2, which the encoder reads
+as two discrete actions (``action_dim=2``).
 """
 
 from __future__ import annotations
@@ -59,20 +59,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=30_000, help="environment steps in total")
     parser.add_argument("--frames-per-batch", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=1_000, help="frames before learning")
-    parser.add_argument("--updates-per-batch", type=int, default=50, help="optimiser steps per batch")
+    parser.add_argument(
+        "--updates-per-batch", type=int, default=50, help="optimiser steps per batch"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--memory", type=int, default=50_000, help="transitions the memory holds")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--stats-every", type=int, default=20, help="print memory stats every N batches")
+    parser.add_argument(
+        "--stats-every", type=int, default=20, help="print memory stats every N batches"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on 2 cores)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on 2 cores)"
+    )
     parser.add_argument("--logdir", default="runs/demo", help="TensorBoard root directory")
     return parser.parse_args()
 
 
 def make_env(device: torch.device) -> TransformedEnv:
-    env = GymEnv("CartPole-v1", categorical_action_encoding=True, device=device)
+    env = GymEnv("CartPole-v1", device=device)
     # StepCounter: episode lengths; RewardSum: ("next", "episode_reward") for the logs.
     return TransformedEnv(env, Compose(StepCounter(), RewardSum()))
 
@@ -199,8 +205,13 @@ def main() -> None:
     )
 
     # ---- DQN: the loss reads "priority_weight" from the sampled batch by itself.
-    loss_fn = DQNLoss(actor, action_space=env.action_spec, delay_value=True, double_dqn=True,
-                      loss_function="smooth_l1")
+    loss_fn = DQNLoss(
+        actor,
+        action_space=env.action_spec,
+        delay_value=True,
+        double_dqn=True,
+        loss_function="smooth_l1",
+    )
     loss_fn.make_value_estimator(gamma=0.99)
     target_updater = SoftUpdate(loss_fn, eps=0.99)
     optim = torch.optim.Adam(loss_fn.parameters(), lr=args.lr)
@@ -215,10 +226,6 @@ def main() -> None:
     pbar = tqdm(total=args.frames, unit="frames", dynamic_ncols=True)
     for i, batch in enumerate(collector):
         rb.extend(batch)
-        # Re-draw the default anchors (no explicit query: ``None``), so that retrieval follows
-        # the newest high-return episodes instead of the ones that were best when the
-        # retrieval pool was first built.
-        rb.sampler.set_query(None)
         frames += batch.numel()
         exploration.step(batch.numel())
         done = batch["next", "done"].squeeze(-1)
@@ -256,7 +263,9 @@ def main() -> None:
             finished_returns = rb.storage.episodes["return"][
                 (rb.storage.episodes["rows"] > 0) & rb.storage.episodes["done"]
             ]
-            logger.log_histogram("memory/episode_returns", finished_returns, step=frames, bins="auto")
+            logger.log_histogram(
+                "memory/episode_returns", finished_returns, step=frames, bins="auto"
+            )
     pbar.close()
     collector.shutdown()
 

@@ -33,10 +33,11 @@ FRAMES_PER_BATCH = 200
 TOTAL_FRAMES = 1000
 
 
-def make_env(*, categorical: bool = True, init_tracker: bool = False) -> TransformedEnv:
+def make_env(*, categorical: bool = False, init_tracker: bool = False) -> TransformedEnv:
     """CartPole-v1 with a step counter (and optionally ``is_init``).
 
-    Module-level, so that ``MultiSyncCollector`` workers can pickle it.
+    The action is GymEnv's default int64 one-hot ``[2]``, or with ``categorical`` an integer
+    index; the encoder reads both as ``action_dim=2``.
     """
     env = TransformedEnv(
         GymEnv("CartPole-v1", categorical_action_encoding=categorical), StepCounter()
@@ -46,12 +47,13 @@ def make_env(*, categorical: bool = True, init_tracker: bool = False) -> Transfo
     return env
 
 
-def make_categorical_env() -> TransformedEnv:
-    return make_env(categorical=True)
+# Module-level factories, so that MultiSyncCollector workers can pickle them.
+def make_one_hot_env() -> TransformedEnv:
+    return make_env()
 
 
 def make_tracked_env() -> TransformedEnv:
-    return make_env(categorical=True, init_tracker=True)
+    return make_env(init_tracker=True)
 
 
 def make_buffer(capacity: int) -> TensorDictReplayBuffer:
@@ -180,14 +182,16 @@ def run_pipeline(collector, rb: TensorDictReplayBuffer, *, expected_batch: torch
     return truth
 
 
-@pytest.mark.parametrize("init_tracker", [False, True], ids=["done-only", "is_init"])
-def test_collector_flat_batches(init_tracker):
+@pytest.mark.parametrize(
+    "categorical, init_tracker",
+    [(False, False), (True, False), (False, True)],
+    ids=["one-hot", "categorical", "one-hot-is_init"],
+)
+def test_collector_flat_batches(categorical, init_tracker):
     """One env, a random policy: flat ``[200]`` batches, episodes spanning batches."""
-    env = make_env(init_tracker=init_tracker)
+    env = make_env(categorical=categorical, init_tracker=init_tracker)
     env.set_seed(0)
-    collector = Collector(
-        env, None, frames_per_batch=FRAMES_PER_BATCH, total_frames=TOTAL_FRAMES
-    )
+    collector = Collector(env, None, frames_per_batch=FRAMES_PER_BATCH, total_frames=TOTAL_FRAMES)
     rb = make_buffer(2 * TOTAL_FRAMES)
     truth = run_pipeline(collector, rb, expected_batch=torch.Size([FRAMES_PER_BATCH]))
     check_memory(rb, truth)
@@ -209,9 +213,7 @@ def test_collector_qvalue_policy_env_time_batches():
         in_keys=["observation"],
         spec=env.action_spec_unbatched,
     )
-    collector = Collector(
-        env, actor, frames_per_batch=FRAMES_PER_BATCH, total_frames=TOTAL_FRAMES
-    )
+    collector = Collector(env, actor, frames_per_batch=FRAMES_PER_BATCH, total_frames=TOTAL_FRAMES)
     rb = make_buffer(2 * TOTAL_FRAMES)
     truth = run_pipeline(collector, rb, expected_batch=torch.Size([2, FRAMES_PER_BATCH // 2]))
     check_memory(rb, truth)
@@ -223,7 +225,7 @@ def test_collector_qvalue_policy_env_time_batches():
 def test_multisync_collector_env_time_batches():
     """A ``MultiSyncCollector`` with two worker processes: ``[worker, time]`` batches."""
     collector = MultiSyncCollector(
-        [make_categorical_env, make_categorical_env],
+        [make_one_hot_env, make_one_hot_env],
         None,
         frames_per_batch=FRAMES_PER_BATCH,
         total_frames=TOTAL_FRAMES,
@@ -238,29 +240,9 @@ def test_collector_fifo_overwrites_whole_history():
     """A memory smaller than the run: FIFO overwrites, the survivors keep correct entries."""
     env = make_env()
     env.set_seed(3)
-    collector = Collector(
-        env, None, frames_per_batch=FRAMES_PER_BATCH, total_frames=TOTAL_FRAMES
-    )
+    collector = Collector(env, None, frames_per_batch=FRAMES_PER_BATCH, total_frames=TOTAL_FRAMES)
     capacity = 500
     rb = make_buffer(capacity)
     truth = run_pipeline(collector, rb, expected_batch=torch.Size([FRAMES_PER_BATCH]))
     assert len(rb.storage) == capacity
-    check_memory(rb, truth)
-
-
-@pytest.mark.xfail(
-    raises=ValueError,
-    strict=False,
-    reason="DualEncoder rejects integer one-hot actions [*B, W, action_dim], which is what "
-    "GymEnv's default OneHot action spec produces (int64 one-hot).",
-)
-def test_collector_one_hot_actions():
-    """GymEnv's default action encoding: an int64 one-hot ``action`` of shape ``[N, 2]``."""
-    env = make_env(categorical=False)
-    env.set_seed(4)
-    collector = Collector(
-        env, None, frames_per_batch=FRAMES_PER_BATCH, total_frames=TOTAL_FRAMES
-    )
-    rb = make_buffer(2 * TOTAL_FRAMES)
-    truth = run_pipeline(collector, rb, expected_batch=torch.Size([FRAMES_PER_BATCH]))
     check_memory(rb, truth)

@@ -211,6 +211,16 @@ class TestPoolCache:
         torch.testing.assert_close(pool.score, score)
         assert pool.index.tolist() == index.tolist()
 
+    def test_many_small_writes_add_up_to_a_rebuild(self):
+        # Default anchors must follow new high-return episodes even when each write is small.
+        rb = make_buffer(10_000, mixture_ratio=1.0, top_k=4, batch_size=256)
+        rb.extend(make_episodes([20] * 200, reward=0.1))
+        rb.sample()
+        for seed in range(20):  # 2000 rows of high-return episodes, 100 rows per extend
+            rb.extend(make_episodes([50, 50], reward=1.0, seed=seed))
+            batch = rb.sample()
+        assert (batch["hippo", "return"] > 10).float().mean() > 0.5
+
     def test_large_writes_trigger_a_rebuild(self):
         rb = filled(capacity=200)
         rb.sample()

@@ -317,8 +317,9 @@ class HippoSampler(Sampler):
             stale = not self._merge_dirty(storage, pool)
         if stale:
             pool = self._build_pool(storage, key)
+            # Counts rows written since the last *build*: merges do not reset it.
+            self._dirty_count = 0
         self._dirty.clear()
-        self._dirty_count = 0
         self._seen_revision = storage._mutation_revision
         return pool
 
