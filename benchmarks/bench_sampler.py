@@ -519,7 +519,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-refresh", type=int, default=2)
     p.add_argument("--loop-calls", type=int, default=1000)
     p.add_argument("--refresh-every", type=int, default=100)
-    p.add_argument("--loop-repeats", type=int, default=3)
+    p.add_argument("--loop-repeats", type=int, default=5)
     p.add_argument(
         "--flat-sizes",
         type=int,

@@ -19,30 +19,48 @@ _EMPTY = "Cannot sample from an empty memory: extend the replay buffer first."
 
 
 class _Pool:
-    """The retrieval pool: for each query, its top-k rows and their sampling probabilities."""
+    """The retrieval pool: for each query, its top-k rows and their sampling probabilities.
 
-    __slots__ = ("index", "key", "prob", "queries", "score", "unique_prob", "unique_rows")
+    ``dense`` holds, for every storage row, the probability that one semantic draw returns it
+    (zero outside the pool), so that importance weights cost one gather per sampled item.
+    """
 
-    def __init__(self, queries, score, index, temperature, key) -> None:
+    __slots__ = (
+        "covered",
+        "dense",
+        "flat_index",
+        "flat_score",
+        "index",
+        "key",
+        "min_prob",
+        "prob",
+        "queries",
+        "score",
+    )
+
+    def __init__(self, queries, score, index, temperature, key, capacity) -> None:
         self.queries = queries
         self.key = key
+        self.index = index
+        self.dense = torch.zeros(capacity, dtype=torch.float64, device=index.device)
         self.set(score, index, temperature)
 
     def set(self, score: torch.Tensor, index: torch.Tensor, temperature: float) -> None:
+        self.dense[self.index.reshape(-1)] = 0.0
         self.score = score
         self.index = index
         q = score.shape[0]
-        self.prob = (torch.softmax(score / temperature, dim=-1) / q).reshape(-1)
-        self.unique_rows, inverse = torch.unique(index.reshape(-1), return_inverse=True)
-        self.unique_prob = torch.zeros(
-            self.unique_rows.shape, dtype=self.prob.dtype, device=self.prob.device
-        ).scatter_add_(0, inverse, self.prob)
+        self.prob = (torch.softmax(score.double() / temperature, dim=-1) / q).reshape(-1)
+        self.flat_index = index.reshape(-1)
+        self.flat_score = score.reshape(-1)
+        self.dense.index_add_(0, self.flat_index, self.prob)
+        rows = self.flat_index.unique()
+        self.covered = rows.numel()
+        self.min_prob = float(self.dense[rows].min())
 
-    def semantic_prob(self, rows: torch.Tensor) -> torch.Tensor:
-        """Probability that one semantic draw returns each row of ``rows``."""
-        pos = torch.searchsorted(self.unique_rows, rows).clamp_max(self.unique_rows.numel() - 1)
-        hit = self.unique_rows[pos] == rows
-        return torch.where(hit, self.unique_prob[pos], torch.zeros_like(self.unique_prob[pos]))
+    def semantic_min(self, valid_rows: int) -> float:
+        """The smallest semantic probability over valid rows (zero unless the pool covers all)."""
+        return self.min_prob if self.covered >= valid_rows else 0.0
 
 
 class HippoSampler(Sampler):
@@ -299,8 +317,7 @@ class HippoSampler(Sampler):
         return storage.keys[rows].float()
 
     # ------------------------------------------------------------------ pool
-    def _pool_for(self, storage: HippoStorage) -> _Pool:
-        n_valid = storage.num_valid
+    def _pool_for(self, storage: HippoStorage, n_valid: int) -> _Pool:
         if self.top_k > n_valid:
             raise ValueError(
                 f"top_k={self.top_k} is larger than the memory: it holds {n_valid} transition(s)."
@@ -329,7 +346,7 @@ class HippoSampler(Sampler):
         score, index = topk_similarity(
             queries, storage.keys, self.top_k, valid=valid, backend=self.search_backend
         )
-        self._pool = _Pool(queries, score, index, self.temperature, key)
+        self._pool = _Pool(queries, score, index, self.temperature, key, storage.max_size)
         return self._pool
 
     def _merge_dirty(self, storage: HippoStorage, pool: _Pool) -> bool:
@@ -358,33 +375,24 @@ class HippoSampler(Sampler):
         dev = storage.table_device
         n_sem = round(batch_size * self.mixture_ratio)
         n_uni = batch_size - n_sem
-        pool = self._pool_for(storage) if n_sem else None
+        pool = self._pool_for(storage, n_valid) if n_sem else None
 
         uni_rows = self._sample_base(storage, n_uni)
         if pool is not None:
             pos = torch.multinomial(pool.prob, n_sem, replacement=True, generator=self._rng)
-            sem_rows = pool.index.reshape(-1)[pos]
-            sem_sim = pool.score.reshape(-1)[pos]
-            uni_sim = (
-                (storage.keys[uni_rows].float() @ pool.queries.T).amax(1) if n_uni else sem_sim[:0]
-            )
+            index = torch.cat([pool.flat_index[pos], uni_rows])
+            sem_sim = pool.flat_score[pos]
+            if n_uni:
+                uni_keys = storage._storage.get(HIPPO_KEYS["key"])[uni_rows]
+                uni_sim = (uni_keys.float() @ pool.queries.T).amax(1)
+                similarity = torch.cat([sem_sim, uni_sim])
+            else:
+                similarity = sem_sim
         else:
-            sem_rows = uni_rows[:0]
-            sem_sim = torch.empty(0, device=dev)
-            uni_sim = torch.full((n_uni,), torch.nan, device=dev)
-        index = torch.cat([sem_rows, uni_rows])
-        semantic = torch.zeros(batch_size, dtype=torch.bool, device=dev)
-        semantic[:n_sem] = True
-        similarity = torch.cat([sem_sim, uni_sim])
-        weight = self._importance_weight(storage, index, pool, n_sem / batch_size)
-
-        perm = (
-            torch.randperm(batch_size, generator=self._rng, device=dev) if n_sem and n_uni else None
-        )
-        if perm is not None:
-            index, semantic, similarity, weight = (
-                t[perm] for t in (index, semantic, similarity, weight)
-            )
+            index = uni_rows
+            similarity = torch.full((batch_size,), torch.nan, device=dev)
+        semantic = torch.arange(batch_size, device=dev) < n_sem
+        weight = self._importance_weight(storage, index, pool, n_sem / batch_size, n_valid)
         if self.track_access:
             storage.mark_access(index)
         self._batches += 1
@@ -392,9 +400,9 @@ class HippoSampler(Sampler):
             self._ran_out = True
             self._batches = 0
         info = {
-            "priority_weight": weight.float(),
+            "priority_weight": weight,
             ("hippo", "semantic"): semantic,
-            ("hippo", "similarity"): similarity.float(),
+            ("hippo", "similarity"): similarity,
         }
         return index, info
 
@@ -427,34 +435,35 @@ class HippoSampler(Sampler):
         return rows
 
     def _importance_weight(
-        self, storage: HippoStorage, index: torch.Tensor, pool: _Pool | None, m: float
+        self,
+        storage: HippoStorage,
+        index: torch.Tensor,
+        pool: _Pool | None,
+        m: float,
+        n_valid: int,
     ) -> torch.Tensor:
-        n_valid = storage.num_valid
         uniform = 1.0 / n_valid
         cdf = self._base_probs(storage)
         if cdf is None:
-            base = torch.full(index.shape, uniform, dtype=torch.float64, device=index.device)
-            base_min = uniform
+            if pool is None or m == 0.0:
+                return torch.ones(index.shape, device=index.device)
+            base, base_min = uniform, uniform
         else:
             mass = torch.diff(cdf, prepend=cdf.new_zeros(1))
             base = mass[index] / cdf[-1]
-            base_min = float(
-                (mass[mass > 0].min() if bool((mass > 0).any()) else cdf[-1]) / cdf[-1]
-            )
+            positive = mass[mass > 0]
+            base_min = float(positive.min() / cdf[-1]) if positive.numel() else uniform
         if pool is None or m == 0.0:
-            if cdf is None:
-                return torch.ones(index.shape, dtype=torch.float64, device=index.device)
             prob, prob_min = base, base_min
         else:
-            sem = pool.semantic_prob(index).double()
-            prob = (1 - m) * base + m * sem
-            covers_all = pool.unique_rows.numel() >= n_valid
-            sem_min = float(pool.unique_prob.min()) if covers_all else 0.0
-            prob_min = (1 - m) * base_min + m * sem_min
+            prob = pool.dense[index] * m + (1 - m) * base
+            prob_min = (1 - m) * base_min + m * pool.semantic_min(n_valid)
         weight = (uniform / prob).pow(self.beta)
         if prob_min > 0:
-            return weight / (uniform / prob_min) ** self.beta
-        return weight / weight.max()
+            weight = weight * (prob_min / uniform) ** self.beta
+        else:
+            weight = weight / weight.max()
+        return weight.float()
 
     @property
     def ran_out(self) -> bool:

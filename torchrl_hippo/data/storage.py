@@ -263,8 +263,9 @@ class HippoStorage(LazyTensorStorage):
     def mark_access(self, index: torch.Tensor) -> None:
         """Counts one access for the episode of each (valid) row in ``index``."""
         slots = self._row_slot[index.reshape(-1)]
-        slots = slots[slots >= 0]
-        self.episodes["access"].index_add_(0, slots, torch.ones_like(slots))
+        if self._num_free_rows:
+            slots = slots[slots >= 0]
+        self.episodes.get("access").index_add_(0, slots, torch.ones_like(slots))
 
     def bump_key_revision(self) -> None:
         """Signals that stored keys changed in place (refresh, eviction, load)."""
@@ -276,8 +277,9 @@ class HippoStorage(LazyTensorStorage):
         out = super().get(index)
         if is_tensor_collection(out) and self.episodes is not None:
             slots = self._row_slot[: self._len_along_dim0][index]
-            ret = self.episodes["return"][slots.clamp_min(0)]
-            ret = torch.where(slots >= 0, ret, torch.full_like(ret, float("nan")))
+            ret = self.episodes.get("return")[slots.clamp_min(0)]
+            if self._num_free_rows:
+                ret = torch.where(slots >= 0, ret, torch.full_like(ret, float("nan")))
             out.set(HIPPO_KEYS["return"], ret.to(out.device) if out.device is not None else ret)
         return out
 
