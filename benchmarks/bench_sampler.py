@@ -33,14 +33,20 @@ median of ``--repeats`` repeats; PASS/FAIL against the targets):
    transitions (``--quick``: 10k and 50k), to show these costs do not grow with the memory.
 
 It prints a table and writes ``benchmarks/results/bench_sampler_<device-name>.json`` (device
-name ``cpu-<n>core`` or the CUDA device's name) with the measured numbers, the targets and
-their PASS/FAIL, and the run's metadata. It exits 0 whether the targets pass or not.
+name ``cpu-<n>core`` or the CUDA device's name; ``--quick`` adds ``_quick``) with the measured
+numbers, the targets and their PASS/FAIL, and the run's metadata (versions, threads, sizes,
+date, load average, peak RSS, hashes of the package's sources). It exits 0 whether the targets
+pass or not.
 
 Commands (from the repository root)::
 
     python3 benchmarks/bench_sampler.py --quick             # smoke run, ~1 minute, 50k rows
     python3 benchmarks/bench_sampler.py --threads 2         # the full run: 1M transitions
     python3 benchmarks/bench_sampler.py --device cuda       # the same on a GPU
+
+On a small machine shared with other processes, multi-threaded timings of these tiny ops are
+dominated by threads waiting on each other; ``--threads 1`` gives steadier numbers (the
+results directory also holds such a run, ``bench_sampler_cpu-2core_threads1.json``).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import hashlib
 import json
 import math
 import os
@@ -490,6 +497,17 @@ def _device_name(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def _source_hashes() -> dict[str, str]:
+    """sha256 (first 12 hex digits) of the package's sources, to tell which code was measured."""
+    import torchrl_hippo
+
+    root = Path(torchrl_hippo.__file__).resolve().parent
+    return {
+        str(f.relative_to(root.parent)): hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+        for f in sorted(root.rglob("*.py"))
+    }
+
+
 def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is in KiB
 
@@ -562,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         f"threads={torch.get_num_threads()} (os.cpu_count()={os.cpu_count()})"
     )
     load_start = os.getloadavg()
+    sources = _source_hashes()  # now: the modules are imported, and files may change meanwhile
     t_start = time.perf_counter()
     results: dict = {}
 
@@ -785,13 +804,16 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_gb": _peak_rss_gb(),
         "wall_s": time.perf_counter() - t_start,
         "quick": args.quick,
+        "source_sha256": sources,
         "config": {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
             if k not in ("output",)
         },
     }
-    out = args.output or RESULTS_DIR / f"bench_sampler_{device_name}.json"
+    # A smoke run never overwrites the full run's results.
+    suffix = "_quick" if args.quick else ""
+    out = args.output or RESULTS_DIR / f"bench_sampler_{device_name}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"\npeak RSS {results['metadata']['peak_rss_gb']:.2f} GB, "

@@ -200,7 +200,7 @@ def main() -> None:
     rb = TensorDictReplayBuffer(
         storage=HippoStorage(args.memory, device=device),
         writer=HippoWriter(encoder),
-        sampler=HippoSampler(mixture_ratio=0.3, top_k=16, temperature=0.1),
+        sampler=HippoSampler(mixture_ratio=0.3, top_k=16, temperature=0.1, score_uniform=True),
         batch_size=args.batch_size,
     )
 

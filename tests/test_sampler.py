@@ -137,6 +137,25 @@ def test_importance_weights_match_the_mixture_density():
     assert batch["priority_weight"][~torch.isin(batch["index"], index)].eq(1).all()
 
 
+def test_uniform_items_scored_on_request():
+    rb = filled(mixture_ratio=0.5, batch_size=64)
+    batch = rb.sample()
+    assert batch["hippo", "similarity"][~batch["hippo", "semantic"]].isnan().all()
+    rb.sampler.score_uniform = True
+    batch = rb.sample()
+    uniform = ~batch["hippo", "semantic"]
+    pool = rb.sampler._pool
+    expected = (rb.storage.keys[batch["index"][uniform]] @ pool.queries.T).amax(1)
+    torch.testing.assert_close(batch["hippo", "similarity"][uniform], expected)
+
+
+def test_batches_are_shuffled():
+    rb = filled(mixture_ratio=0.5, batch_size=64)
+    semantic = rb.sample()["hippo", "semantic"]
+    assert semantic.sum() == 32
+    assert not semantic[:32].all()
+
+
 def test_uniform_only_weights_are_one():
     rb = filled(mixture_ratio=0.0)
     assert rb.sample()["priority_weight"].eq(1).all()

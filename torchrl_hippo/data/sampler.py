@@ -89,8 +89,9 @@ class HippoSampler(Sampler):
       mixture ``p = (1 - m) p_base + m p_semantic``, divided by its largest possible value,
       which TorchRL's losses read to correct the non-uniform sampling;
     - ``("hippo", "semantic")``: ``True`` for items drawn by retrieval;
-    - ``("hippo", "similarity")``: the item's similarity to the query it was retrieved for
-      (for uniform items, to the closest query; ``nan`` when no pool is built).
+    - ``("hippo", "similarity")``: the item's similarity to the query it was retrieved for;
+      for uniform items ``nan``, or the similarity to the closest query with
+      ``score_uniform=True``.
 
     Args:
         mixture_ratio (float, optional): share of semantic draws, in ``[0, 1]``.
@@ -113,6 +114,9 @@ class HippoSampler(Sampler):
         search_backend (str, optional): backend of the top-k search. Defaults to ``"auto"``.
         track_access (bool, optional): count each sampled row's episode access in the episode
             table (used by importance forgetting). Defaults to ``True``.
+        score_uniform (bool, optional): also score uniform items against the queries (their
+            ``("hippo", "similarity")``; one more key gather per batch). Defaults to ``False``
+            (``nan`` for uniform items).
 
     Examples:
         >>> import torch
@@ -162,6 +166,7 @@ class HippoSampler(Sampler):
         refresh_fraction: float = 0.05,
         search_backend: str = "auto",
         track_access: bool = True,
+        score_uniform: bool = False,
     ) -> None:
         self.mixture_ratio = mixture_ratio
         self.top_k = top_k
@@ -186,6 +191,7 @@ class HippoSampler(Sampler):
         self.refresh_fraction = float(refresh_fraction)
         self.search_backend = search_backend
         self.track_access = bool(track_access)
+        self.score_uniform = bool(score_uniform)
         self._query: torch.Tensor | TensorDictBase | None = None
         self._query_version = 0
         self._reset_state()
@@ -309,12 +315,16 @@ class HippoSampler(Sampler):
         z = torch.where(std > 0, (ret - mean) / std.clamp_min(1e-12), torch.zeros_like(ret))
         logits = torch.where(alive, z / self.anchor_temperature, -torch.inf)
         episode_w = torch.softmax(logits, 0)
-        slot = storage.row_slot[: len(storage)]
-        slot_c = slot.clamp_min(0)
-        row_w = torch.where(slot >= 0, episode_w[slot_c] / table["rows"][slot_c].clamp_min(1), 0.0)
         n = min(self.num_anchors, storage.num_valid)
-        rows = torch.multinomial(row_w.float(), n, replacement=False, generator=self._rng)
-        return storage.keys[rows].float()
+        # Episodes first (far fewer than rows), then one uniform row within each.
+        slots = torch.multinomial(episode_w.float(), n, replacement=True, generator=self._rng)
+        row_slot = storage.row_slot[: len(storage)]
+        rows = []
+        for slot in slots.tolist():
+            members = (row_slot == slot).nonzero().squeeze(1)
+            pick = torch.randint(members.numel(), (1,), generator=self._rng, device=members.device)
+            rows.append(members[pick])
+        return storage.keys[torch.cat(rows)].float()
 
     # ------------------------------------------------------------------ pool
     def _pool_for(self, storage: HippoStorage, n_valid: int) -> _Pool:
@@ -382,17 +392,26 @@ class HippoSampler(Sampler):
             pos = torch.multinomial(pool.prob, n_sem, replacement=True, generator=self._rng)
             index = torch.cat([pool.flat_index[pos], uni_rows])
             sem_sim = pool.flat_score[pos]
-            if n_uni:
+            if n_uni and self.score_uniform:
                 uni_keys = storage._storage.get(HIPPO_KEYS["key"])[uni_rows]
                 uni_sim = (uni_keys.float() @ pool.queries.T).amax(1)
-                similarity = torch.cat([sem_sim, uni_sim])
             else:
-                similarity = sem_sim
+                uni_sim = torch.full((n_uni,), torch.nan, device=dev)
+            similarity = torch.cat([sem_sim, uni_sim])
         else:
             index = uni_rows
             similarity = torch.full((batch_size,), torch.nan, device=dev)
         semantic = torch.arange(batch_size, device=dev) < n_sem
         weight = self._importance_weight(storage, index, pool, n_sem / batch_size, n_valid)
+        if n_sem and n_uni:
+            # Shuffled, so that any slice of a batch keeps the mixture.
+            perm = torch.randperm(batch_size, generator=self._rng, device=dev)
+            index, semantic, similarity, weight = (
+                index[perm],
+                semantic[perm],
+                similarity[perm],
+                weight[perm],
+            )
         if self.track_access:
             storage.mark_access(index)
         self._batches += 1
