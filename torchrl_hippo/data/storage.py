@@ -194,7 +194,8 @@ class HippoStorage(LazyTensorStorage):
         n = slots.numel()
         if not n:
             return
-        self.episodes[slots] = self._new_table(n, self.episodes.device)
+        for name, column in self.episodes.items():
+            column[slots] = -1 if name == "id" else 0
         self._free_slots[self._num_free_slots : self._num_free_slots + n] = slots
         self._num_free_slots += n
 

@@ -624,16 +624,13 @@ class _Segments:
     ) -> None:
         n = flat.shape[0]
         keys = set(flat.keys(True, True))
-        done = (
-            flat.get(writer.done_key).reshape(n).to(device=device, dtype=torch.bool)
-            if writer.done_key in keys
-            else torch.zeros(n, dtype=torch.bool, device=device)
-        )
-        is_init = (
-            flat.get(writer.is_init_key).reshape(n).to(device=device, dtype=torch.bool)
-            if writer.is_init_key in keys
-            else torch.zeros(n, dtype=torch.bool, device=device)
-        )
+
+        def flag(key: NestedKey) -> torch.Tensor:
+            if key not in keys:
+                return torch.zeros(n, dtype=torch.bool, device=device)
+            return flat.get(key).reshape(n).to(device=device, dtype=torch.bool)
+
+        done, is_init = flag(writer.done_key), flag(writer.is_init_key)
         reward = flat.get(writer.reward_key).reshape(n).to(device=device, dtype=torch.float64)
         self.order = None
         if writer.traj_key in keys:
