@@ -7,12 +7,15 @@ import pkgutil
 import pytest
 
 import torchrl_hippo
+import triton_kernels
 
 
 def _modules():
-    names = ["torchrl_hippo"]
-    for info in pkgutil.walk_packages(torchrl_hippo.__path__, prefix="torchrl_hippo."):
-        names.append(info.name)
+    names = []
+    for package in (torchrl_hippo, triton_kernels):
+        names.append(package.__name__)
+        for info in pkgutil.walk_packages(package.__path__, prefix=package.__name__ + "."):
+            names.append(info.name)
     return sorted(names)
 
 
