@@ -63,6 +63,7 @@ def make_buffer(
     act_dim=2,
     embed_dim=16,
     window=4,
+    defer_keys=False,
     **sampler_kwargs,
 ):
     """A TensorDictReplayBuffer made of the three hippo parts."""
@@ -79,7 +80,7 @@ def make_buffer(
     )
     return TensorDictReplayBuffer(
         storage=HippoStorage(capacity),
-        writer=HippoWriter(encoder, forgetting=forgetting),
+        writer=HippoWriter(encoder, forgetting=forgetting, defer_keys=defer_keys),
         sampler=HippoSampler(mixture_ratio=mixture_ratio, top_k=top_k, **sampler_kwargs),
         batch_size=batch_size,
     )

@@ -175,3 +175,52 @@ def test_episode_table_fields():
     assert table["updated"][live].tolist() == [3, 9]
     assert table["access"][live].tolist() == [0, 0]
     assert repr(rb.storage).startswith("HippoStorage(max_size=50, len=10, episodes=2")
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        torch.tensor([3, 0, 7, 7, 19]),  # 1-D int64 rows: the index_select path
+        torch.tensor([[1, 2], [3, 4]]),  # other shapes: TensorStorage.get
+        slice(2, 9),
+        5,
+        torch.tensor([-1, 2]),  # negative rows are left to TensorDict indexing
+    ],
+    ids=["rows", "2d", "slice", "int", "negative"],
+)
+def test_get_matches_tensordict_indexing(index):
+    rb = make_buffer(20)
+    rb.extend(make_episodes([8, 14]))  # wraps: rows 0, 1 rewritten
+    storage = rb.storage
+    out = storage.get(index)
+    ref = storage._storage[: len(storage)][index]
+    torch.testing.assert_close(out.exclude(("hippo", "return")), ref.exclude(("hippo", "return")))
+    assert out.batch_size == ref.batch_size
+
+
+def test_refresh_keys_updates_given_rows_only():
+    rb = make_buffer(30)
+    rb.extend(make_episodes([12, 9]))
+    storage, encoder = rb.storage, rb.writer.encoder
+    before = storage.keys.clone()
+    revision = storage.key_revision
+    with torch.no_grad():
+        for param in encoder.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    encoder.update_target(momentum=0.0)  # target := online, version 1
+    rows = torch.tensor([2, 5, 20])
+    assert storage.refresh_keys(rows) == 3
+    versions = storage.get(torch.arange(21))["hippo", "key_version"]
+    assert versions[rows].tolist() == [1, 1, 1]
+    assert (versions.sum() - 3) == 0
+    others = torch.ones(21, dtype=torch.bool)
+    others[rows] = False
+    torch.testing.assert_close(storage.keys[others], before[others], rtol=0, atol=0)
+    assert not torch.allclose(storage.keys[rows], before[rows])
+    windows = storage.gather_windows(rows, encoder.window)
+    with torch.no_grad():
+        expected = encoder(windows, target=True)["hippo", "key"]
+    torch.testing.assert_close(storage.keys[rows], expected)
+    assert storage.key_revision == revision + 1
+    with pytest.raises(IndexError, match="rows must lie in"):
+        storage.refresh_keys(torch.tensor([25]))

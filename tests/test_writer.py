@@ -439,3 +439,94 @@ def test_sampled_batches_can_be_written_back():
     index = other.extend(batch.exclude("index", "priority_weight"))
     assert (index >= 0).all()
     assert isinstance(other.storage.get(index), TensorDict)
+
+
+class TestDeferredKeys:
+    """``defer_keys=True`` writes the same rows; its keys, once encoded, equal eager ones."""
+
+    @pytest.mark.parametrize("forgetting", ["fifo", "importance"])
+    @pytest.mark.parametrize("chunks", [[61], [10, 20, 15, 16], [1] * 6 + [55]])
+    def test_encoded_pending_keys_equal_eager_keys(self, forgetting, chunks):
+        # The keys of deferred rows come from the history still stored when they are encoded,
+        # so the memory holds every step here (see test_deferred_keys_see_stored_history_only).
+        data = make_episodes([7, 12, 5, 30, 7])
+        eager = make_buffer(80, forgetting=forgetting)
+        lazy = make_buffer(80, forgetting=forgetting, defer_keys=True)
+        lazy.writer.encoder.load_state_dict(eager.writer.encoder.state_dict())
+        start = 0
+        for size in chunks:
+            eager.extend(data[start : start + size])
+            lazy.extend(data[start : start + size])
+            start += size
+        a, b = stored(eager), stored(lazy)
+        assert (b["hippo", "key_version"] == -1).all()
+        assert lazy.storage.has_pending_keys
+        torch.testing.assert_close(a.exclude("hippo"), b.exclude("hippo"))
+        for entry in ("episode", "step", "return", "prev"):
+            torch.testing.assert_close(a["hippo", entry], b["hippo", entry])
+        assert lazy.storage.encode_pending() == lazy.storage.num_valid
+        assert not lazy.storage.has_pending_keys
+        b = stored(lazy)
+        torch.testing.assert_close(a["hippo", "key"], b["hippo", "key"])
+        assert b["hippo", "key_version"].tolist() == a["hippo", "key_version"].tolist()
+
+    def test_deferred_keys_see_stored_history_only(self):
+        lazy = make_buffer(6, defer_keys=True)
+        lazy.extend(make_episodes([10])[:8])  # rows 0, 1 rewritten by steps 6, 7
+        lazy.storage.encode_pending()
+        windows = lazy.storage.gather_windows(torch.arange(6), lazy.writer.encoder.window)
+        with torch.no_grad():
+            expected = lazy.writer.encoder(windows, target=True)["hippo", "key"]
+        torch.testing.assert_close(lazy.storage.keys, expected)
+        steps = stored(lazy)["hippo", "step"].tolist()
+        assert windows["hippo", "window_mask"][steps.index(2)].tolist() == [0, 0, 0, 1]
+
+    def test_env_time_layout(self):
+        batch = torch.stack([stream([4, 7], seed=1), stream([2, 9], seed=2)], 0)
+        eager, lazy = make_buffer(40), make_buffer(40, defer_keys=True)
+        lazy.writer.encoder.load_state_dict(eager.writer.encoder.state_dict())
+        for part in (batch[:, :5], batch[:, 5:]):
+            assert eager.extend(part).tolist() == lazy.extend(part).tolist()
+        lazy.storage.encode_pending()
+        torch.testing.assert_close(stored(eager)["hippo", "key"], stored(lazy)["hippo", "key"])
+
+    def test_sampler_encodes_pending_rows_before_retrieval(self):
+        rb = make_buffer(60, defer_keys=True, mixture_ratio=0.5)
+        rb.extend(make_episodes([10, 10]))
+        batch = rb.sample()
+        assert not rb.storage.has_pending_keys
+        assert (stored(rb)["hippo", "key_version"] >= 0).all()
+        # The pool is merged incrementally with rows written (and encoded) afterwards.
+        rb.extend(make_episodes([15], seed=3))
+        assert rb.storage.has_pending_keys
+        rb.sample()
+        assert not rb.storage.has_pending_keys
+        assert batch["hippo", "semantic"].sum() == 8
+
+    def test_uniform_only_sampling_leaves_keys_pending(self):
+        rb = make_buffer(60, defer_keys=True, mixture_ratio=0.0)
+        rb.extend(make_episodes([10, 10]))
+        rb.sample()
+        assert rb.storage.has_pending_keys
+
+    @pytest.mark.parametrize("how", ["state_dict", "dumps"])
+    def test_pending_rows_survive_save_and_load(self, how, tmp_path):
+        rb = make_buffer(30, defer_keys=True)
+        rb.extend(make_episodes([6, 9]))
+        clone = make_buffer(30, defer_keys=True)
+        clone.writer.encoder.load_state_dict(rb.writer.encoder.state_dict())
+        if how == "state_dict":
+            clone.load_state_dict(rb.state_dict())
+        else:
+            rb.dumps(tmp_path / "rb")
+            clone.loads(tmp_path / "rb")
+        assert clone.storage.has_pending_keys
+        assert clone.storage.encode_pending() == 15
+        rb.storage.encode_pending()
+        torch.testing.assert_close(stored(rb)["hippo", "key"], stored(clone)["hippo", "key"])
+
+    def test_eager_writer_refuses_a_deferred_writers_open_episodes(self):
+        rb = make_buffer(30, defer_keys=True)
+        rb.extend(make_episodes([6, 9])[:10])  # the second episode stays open
+        with pytest.raises(ValueError, match="defer_keys=True"):
+            HippoWriter(rb.writer.encoder).load_state_dict(rb.writer.state_dict())

@@ -204,6 +204,7 @@ class HippoSampler(Sampler):
         self._priority: torch.Tensor | None = None
         self._max_priority = 1.0
         self._cdf: torch.Tensor | None = None
+        self._base_min = 0.0
         self._batches = 0
         self._ran_out = False
 
@@ -379,39 +380,40 @@ class HippoSampler(Sampler):
             raise TypeError(f"HippoSampler samples a HippoStorage, got {type(storage).__name__}.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        n_valid = storage.num_valid if storage.initialized else 0
+        n_rows = len(storage) if storage.initialized else 0
+        n_valid = n_rows - storage.num_free_rows if n_rows else 0
         if n_valid == 0:
             raise RuntimeError(_EMPTY)
         dev = storage.table_device
         n_sem = round(batch_size * self.mixture_ratio)
         n_uni = batch_size - n_sem
+        if storage.has_pending_keys and (n_sem or self.score_uniform):
+            storage.encode_pending()
         pool = self._pool_for(storage, n_valid) if n_sem else None
 
-        uni_rows = self._sample_base(storage, n_uni)
-        if pool is not None:
+        uni_rows = self._sample_base(storage, n_uni, n_rows)
+        if pool is None:
+            index = uni_rows
+            similarity = torch.full((batch_size,), torch.nan, device=dev)
+            semantic = torch.zeros(batch_size, dtype=torch.bool, device=dev)
+        else:
             pos = torch.multinomial(pool.prob, n_sem, replacement=True, generator=self._rng)
             index = torch.cat([pool.flat_index[pos], uni_rows])
-            sem_sim = pool.flat_score[pos]
             if n_uni and self.score_uniform:
-                uni_keys = storage._storage.get(HIPPO_KEYS["key"])[uni_rows]
+                uni_keys = storage._storage.get(HIPPO_KEYS["key"]).index_select(0, uni_rows)
                 uni_sim = (uni_keys.float() @ pool.queries.T).amax(1)
             else:
                 uni_sim = torch.full((n_uni,), torch.nan, device=dev)
-            similarity = torch.cat([sem_sim, uni_sim])
-        else:
-            index = uni_rows
-            similarity = torch.full((batch_size,), torch.nan, device=dev)
-        semantic = torch.arange(batch_size, device=dev) < n_sem
+            similarity = torch.cat([pool.flat_score[pos], uni_sim])
+            if n_uni:
+                # Shuffled, so that any slice of a batch keeps the mixture. Item p of the batch
+                # is item perm[p] of the unshuffled one, which is semantic iff perm[p] < n_sem.
+                perm = torch.randperm(batch_size, generator=self._rng, device=dev)
+                index, similarity = index[perm], similarity[perm]
+                semantic = perm < n_sem
+            else:
+                semantic = torch.ones(batch_size, dtype=torch.bool, device=dev)
         weight = self._importance_weight(storage, index, pool, n_sem / batch_size, n_valid)
-        if n_sem and n_uni:
-            # Shuffled, so that any slice of a batch keeps the mixture.
-            perm = torch.randperm(batch_size, generator=self._rng, device=dev)
-            index, semantic, similarity, weight = (
-                index[perm],
-                semantic[perm],
-                similarity[perm],
-                weight[perm],
-            )
         if self.track_access:
             storage.mark_access(index)
         self._batches += 1
@@ -426,17 +428,24 @@ class HippoSampler(Sampler):
         return index, info
 
     def _base_probs(self, storage: HippoStorage) -> torch.Tensor | None:
-        """Per-row probabilities of the non-semantic draws when priorities are in use."""
+        """Cumulative priorities of the non-semantic draws, or ``None`` without priorities.
+
+        Built once per priority update (``O(N)``), together with the smallest positive base
+        probability (``self._base_min``) that the importance weights are normalised by.
+        """
         if self._priority is None:
             return None
         if self._cdf is None:
             n = len(storage)
             p = (self._priority[:n] + self.priority_eps).pow(self.priority_alpha)
-            p = torch.where(storage.valid_mask(), p, torch.zeros_like(p))
-            self._cdf = torch.cumsum(p.double(), 0)
+            p = torch.where(storage.valid_mask(), p, torch.zeros_like(p)).double()
+            self._cdf = torch.cumsum(p, 0)
+            positive = p[p > 0]
+            total = self._cdf[-1]
+            self._base_min = float(positive.min() / total) if positive.numel() else 0.0
         return self._cdf
 
-    def _sample_base(self, storage: HippoStorage, n: int) -> torch.Tensor:
+    def _sample_base(self, storage: HippoStorage, n: int, n_rows: int) -> torch.Tensor:
         dev = storage.table_device
         if n == 0:
             return torch.empty(0, dtype=torch.int64, device=dev)
@@ -444,12 +453,14 @@ class HippoSampler(Sampler):
         if cdf is not None:
             u = torch.rand(n, generator=self._rng, device=dev, dtype=torch.float64) * cdf[-1]
             return torch.searchsorted(cdf, u, right=True).clamp_max(cdf.numel() - 1)
-        rows = storage._rand_given_ndim(n)
+        rows = torch.randint(n_rows, (n,), generator=self._rng, device=dev)
         if storage.num_free_rows:
             # Rejection sampling over the free (evicted) rows, which are a small share.
             bad = storage.row_slot[rows] < 0
             while bool(bad.any()):
-                rows[bad] = storage._rand_given_ndim(int(bad.sum()))
+                rows[bad] = torch.randint(
+                    n_rows, (int(bad.sum()),), generator=self._rng, device=dev
+                )
                 bad = storage.row_slot[rows] < 0
         return rows
 
@@ -461,17 +472,23 @@ class HippoSampler(Sampler):
         m: float,
         n_valid: int,
     ) -> torch.Tensor:
+        """``(p_uniform / p) ** beta`` divided by its largest value over valid rows."""
         uniform = 1.0 / n_valid
         cdf = self._base_probs(storage)
         if cdf is None:
             if pool is None or m == 0.0:
                 return torch.ones(index.shape, device=index.device)
-            base, base_min = uniform, uniform
-        else:
-            mass = torch.diff(cdf, prepend=cdf.new_zeros(1))
-            base = mass[index] / cdf[-1]
-            positive = mass[mass > 0]
-            base_min = float(positive.min() / cdf[-1]) if positive.numel() else uniform
+            # p / p_uniform = m * n_valid * p_semantic + (1 - m): one gather, three in-place ops.
+            prob_min = (1 - m) * uniform + m * pool.semantic_min(n_valid)
+            weight = pool.dense.index_select(0, index).mul_(m * n_valid).add_(1 - m)
+            weight.pow_(-self.beta)
+            if prob_min > 0:
+                return weight.mul_((prob_min / uniform) ** self.beta).float()
+            return weight.div_(weight.max()).float()
+        # Sampled rows are valid, so their base probability is their own normalised priority.
+        priority = (self._priority[index] + self.priority_eps).pow(self.priority_alpha).double()
+        base = priority / cdf[-1]
+        base_min = self._base_min or uniform
         if pool is None or m == 0.0:
             prob, prob_min = base, base_min
         else:

@@ -68,6 +68,12 @@ class HippoWriter(Writer):
             Defaults to ``"is_init"``.
         max_open_episodes (int, optional): how many running episodes are remembered for
             stitching; past that the oldest are closed. Defaults to ``4096``.
+        defer_keys (bool, optional): write rows without computing their keys; they are marked
+            pending (``("hippo", "key_version")`` is ``-1``, the key zero) and encoded in one
+            go by :meth:`HippoStorage.encode_pending() <torchrl_hippo.HippoStorage.encode_pending>`,
+            which the sampler calls before any retrieval. This keeps the collection loop's
+            write cheap and batches the encoder's work. Defaults to ``False`` (keys are
+            computed during ``extend``).
 
     Examples:
         >>> import torch
@@ -114,6 +120,7 @@ class HippoWriter(Writer):
         traj_key: NestedKey = ("collector", "traj_ids"),
         is_init_key: NestedKey = "is_init",
         max_open_episodes: int = 4096,
+        defer_keys: bool = False,
     ) -> None:
         super().__init__()
         for attr in ("encode", "window", "embed_dim", "in_keys", "version"):
@@ -147,10 +154,10 @@ class HippoWriter(Writer):
         self.traj_key = traj_key
         self.is_init_key = is_init_key
         self.max_open_episodes = int(max_open_episodes)
+        self.defer_keys = bool(defer_keys)
         self._cursor = 0
         self._write_count = 0
         self._open: TensorDict | None = None
-        self._blank: TensorDict | None = None
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -192,129 +199,143 @@ class HippoWriter(Writer):
         storage: HippoStorage = self._storage
         if storage is None:
             raise RuntimeError("HippoWriter has no storage: use it inside a replay buffer.")
-        flat, shape = self._validate(data)
+        flat, shape, keys = self._validate(data)
         storage._ensure_tables(device=flat.device if flat.device is not None else None)
         self._check_embed_dim(storage)
         dev = storage.table_device
         n = flat.shape[0]
-        seq = _Segments(flat, self, shape=shape, device=dev)
+        seq = _Segments(flat, self, keys, shape=shape, device=dev)
         if seq.order is not None:
             flat = flat[seq.order.to(flat.device) if flat.device is not None else seq.order]
         window = self.encoder.window
         self._ensure_open(flat, window, dev)
         open_ = self._open
         stitch = seq.match(open_["key"])
-        # One blank entry at the end, gathered by segments that stitch to nothing.
-        padded = torch.cat([open_, self._blank], 0)
+        stitched = stitch.stitched
+
+        def from_open(field: str, default: float) -> torch.Tensor:
+            """Per segment: the open episode's ``field`` where stitched, else ``default``."""
+            if not open_.shape[0]:
+                return torch.full((seq.num,), default, device=dev, dtype=open_[field].dtype)
+            return torch.where(stitched, open_[field][stitch.oidx], default)
 
         # Per-row episode bookkeeping, all vectorised over rows and segments.
         offset = torch.arange(n, device=dev) - seq.first[seq.seg]
-        base_step = torch.where(stitch.stitched, padded["step"][stitch.oidx], 0)
-        base_ret = torch.where(stitch.stitched, padded["ret"][stitch.oidx], 0.0)
+        base_step = from_open("step", 0)
+        base_ret = from_open("ret", 0.0)
         step = base_step[seq.seg] + offset
         csum = torch.cumsum(seq.reward, 0)
         running = csum - (csum[seq.first] - seq.reward[seq.first])[seq.seg] + base_ret[seq.seg]
         seg_return = running[seq.last]
 
-        # Which rows get written: a batch larger than the memory keeps its last rows.
-        capacity = storage.max_size
-        n_write = min(n, capacity)
-        write = torch.zeros(n, dtype=torch.bool, device=dev)
-        write[n - n_write :] = True
+        # A batch larger than the memory keeps its last rows: rows[tail] are written.
+        n_write = min(n, storage.max_size)
+        tail = slice(n - n_write, n)
 
         # Windows and keys (target encoder, no grad) before any mutation.
-        win_idx, win_mask = self._window_index(seq, stitch, offset, window, padded, dev)
-        pools = self._pools(flat, open_, window, dev)
-        written_rows = write.nonzero().squeeze(1)
-        keys = self._encode(pools, win_idx[written_rows], win_mask[written_rows], storage)
+        if self.defer_keys:
+            win_idx = win_mask = pools = None
+            # The rows' keys are computed later (key_version -1 marks them). The key column is
+            # left as it is, except on the very first write, which creates it (zeros).
+            keys = None
+            if not storage.initialized:
+                keys = torch.zeros((), dtype=storage.key_dtype, device=dev).expand(
+                    n_write, self.encoder.embed_dim
+                )
+        else:
+            win_idx, win_mask = self._window_index(seq, stitch, offset, window, open_, dev)
+            pools = self._pools(flat, open_, window, dev)
+            keys = self._encode(pools, win_idx[tail], win_mask[tail], storage)
 
         # ---- from here on the memory is mutated ----
-        rows = self._place(n_write, storage, open_["slot"][stitch.oidx[stitch.stitched]])
-        idx_seq = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        idx_seq[written_rows] = rows
+        rows, start = self._place(n_write, storage, open_["slot"][stitch.oidx[stitched]])
+        if n_write == n:
+            idx_seq = rows
+        else:
+            idx_seq = torch.full((n,), -1, dtype=torch.int64, device=dev)
+            idx_seq[tail] = rows
 
-        n_new = int((~stitch.stitched).sum())
+        n_new = int(seq.num - stitched.sum())
         new_slots = storage.allocate_slots(n_new)
         new_ids = storage.new_episode_ids(n_new)
-        seg_slot = torch.empty(seq.num, dtype=torch.int64, device=dev)
-        seg_ep = torch.empty(seq.num, dtype=torch.int64, device=dev)
-        seg_slot[stitch.stitched] = open_["slot"][stitch.oidx[stitch.stitched]]
-        seg_ep[stitch.stitched] = open_["episode"][stitch.oidx[stitch.stitched]]
-        seg_slot[~stitch.stitched] = new_slots
-        seg_ep[~stitch.stitched] = new_ids
+        seg_slot = from_open("slot", 0)
+        seg_ep = from_open("episode", 0)
+        fresh = ~stitched
+        seg_slot[fresh] = new_slots
+        seg_ep[fresh] = new_ids
 
         clock = storage.clock
         table = storage.episodes
         if n_new:
             table["id"][new_slots] = new_ids
-            table["inserted"][new_slots] = clock + seq.first[~stitch.stitched]
+            table["inserted"][new_slots] = clock + seq.first[fresh]
             table["access"][new_slots] = 0
             table["rows"][new_slots] = 0
-        seg_closed = seq.done_last | ~seq.last_of_key
         table["return"][seg_slot] = seg_return.to(torch.float32)
         table["length"][seg_slot] = base_step + seq.length
         table["updated"][seg_slot] = clock + seq.last
-        table["done"][seg_slot] = seg_closed
+        table["done"][seg_slot] = seq.done_last | ~seq.last_of_key
         abandoned_slots = open_["slot"][stitch.abandoned]
         table["done"][abandoned_slots] = True
 
         prev = torch.full((n,), -1, dtype=torch.int64, device=dev)
         prev[1:] = idx_seq[:-1]
-        first_prev = torch.where(stitch.stitched, padded["last_row"][stitch.oidx], -1)
-        prev[seq.first] = first_prev
+        prev[seq.first] = from_open("last_row", -1)
 
-        row_slot = seg_slot[seq.seg]
+        row_slot = seg_slot[seq.seg][tail]
         old_slot = storage.row_slot[rows]
         overwritten = old_slot[old_slot >= 0]
-        table["rows"].index_add_(0, overwritten, torch.full_like(overwritten, -1))
-        table["rows"].index_add_(0, row_slot[written_rows], torch.ones_like(written_rows))
-        storage.row_slot[rows] = row_slot[written_rows]
+        table_rows = table["rows"]
+        table_rows.index_add_(0, overwritten, overwritten.new_full((), -1).expand_as(overwritten))
+        table_rows.index_add_(0, row_slot, row_slot.new_ones(()).expand_as(row_slot))
+        storage.row_slot[rows] = row_slot
 
-        out = self._rows_td(flat, written_rows)
-        out.set(HIPPO_KEYS["key"], keys)
-        out.set(HIPPO_KEYS["episode"], seg_ep[seq.seg][written_rows])
-        out.set(HIPPO_KEYS["step"], step[written_rows])
-        out.set(HIPPO_KEYS["return"], running[written_rows].to(torch.float32))
-        out.set(
-            HIPPO_KEYS["key_version"],
-            torch.full((n_write,), int(self.encoder.version), dtype=torch.int64, device=dev),
-        )
-        out.set(HIPPO_KEYS["prev"], prev[written_rows])
-        storage.set(rows, out, set_cursor=False)
-        storage._set_last_cursor(rows)
-        storage._len = max(len(storage), int(rows.max()) + 1) if n_write else len(storage)
+        hippo = {
+            "episode": seg_ep[seq.seg][tail],
+            "step": step[tail],
+            "return": running[tail].to(torch.float32),
+            "key_version": torch.full(
+                (n_write,),
+                -1 if self.defer_keys else int(self.encoder.version),
+                dtype=torch.int64,
+                device=dev,
+            ),
+            "prev": prev[tail],
+        }
+        if keys is not None:
+            hippo["key"] = keys
+        out = self._rows_td(flat, tail, hippo)
+        self._write_rows(storage, rows, start, out)
+        if self.defer_keys:
+            storage.add_pending_keys(rows)
 
-        # Slots whose episode has ended and has no row left are recycled.
-        maybe_free = torch.cat([overwritten, abandoned_slots, seg_slot]).unique()
-        free = maybe_free[(table["rows"][maybe_free] == 0) & table["done"][maybe_free]]
+        # Slots whose episode has ended and has no row left are recycled. Overwritten rows come
+        # in runs of one episode each, so unique_consecutive first shrinks them cheaply.
+        maybe_free = torch.cat(
+            [torch.unique_consecutive(overwritten), abandoned_slots, seg_slot]
+        ).unique()
+        free = maybe_free[(table_rows[maybe_free] == 0) & table["done"][maybe_free]]
         storage.release_slots(free)
 
         self._update_open(
-            seq,
-            stitch,
-            seg_ep,
-            seg_slot,
-            base_step,
-            seg_return,
-            idx_seq,
-            win_idx,
-            win_mask,
-            pools,
-            window,
-            storage,
+            seq, stitch, seg_ep, seg_slot, base_step, seg_return, idx_seq, win_idx, win_mask,
+            pools, storage,
         )
         storage.clock = clock + n
         self._write_count += n_write
         for ent in storage._attached_entities_iter():
             ent.mark_update(rows)
 
-        index = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        index[seq.order if seq.order is not None else slice(None)] = idx_seq
+        if seq.order is None:
+            index = idx_seq
+        else:
+            index = torch.empty_like(idx_seq)
+            index[seq.order] = idx_seq
         index = index.reshape(shape)
         return index.to(data.device) if data.device is not None else index
 
     # ------------------------------------------------------------------ helpers
-    def _validate(self, data: Any) -> tuple[TensorDictBase, torch.Size]:
+    def _validate(self, data: Any) -> tuple[TensorDictBase, torch.Size, set]:
         if not isinstance(data, TensorDictBase):
             raise TypeError(f"data must be a TensorDict, got {type(data).__name__}.")
         if data.ndim not in (1, 2):
@@ -366,28 +387,20 @@ class HippoWriter(Writer):
                     f"the encoder expects observation_dim={obs_dim}."
                 )
         flat = data.reshape(-1) if data.ndim == 2 else data
-        return flat, shape
+        return flat, shape, keys
 
     def _ensure_open(self, flat: TensorDictBase, window: int, device: torch.device) -> None:
-        if self._blank is not None:
+        if self._open is not None:
             return
-        tail = self._step_td(flat[:1]).unsqueeze(1).expand(1, window - 1).clone().zero_()
-        tail.set("mask", torch.zeros(1, window - 1, dtype=torch.bool, device=device))
-        self._blank = TensorDict(
-            {
-                "key": torch.zeros(1, dtype=torch.int64, device=device),
-                "episode": torch.zeros(1, dtype=torch.int64, device=device),
-                "slot": torch.zeros(1, dtype=torch.int64, device=device),
-                "step": torch.zeros(1, dtype=torch.int64, device=device),
-                "ret": torch.zeros(1, dtype=torch.float64, device=device),
-                "last_row": torch.zeros(1, dtype=torch.int64, device=device),
-                "tail": tail,
-            },
-            batch_size=[1],
-            device=device,
-        )
-        if self._open is None:
-            self._open = self._blank[:0].clone()
+        entries = {
+            name: torch.zeros(0, dtype=torch.float64 if name == "ret" else torch.int64, device=device)
+            for name in ("key", "episode", "slot", "step", "ret", "last_row")
+        }
+        if not self.defer_keys:
+            tail = self._step_td(flat[:1]).unsqueeze(1).expand(1, window - 1)[:0].clone()
+            tail.set("mask", torch.zeros(0, window - 1, dtype=torch.bool, device=device))
+            entries["tail"] = tail
+        self._open = TensorDict(entries, batch_size=[0], device=device)
 
     def _step_td(self, rows: TensorDictBase) -> TensorDict:
         """The per-step entries the encoder reads, as a TensorDict of batch ``[n]``."""
@@ -408,9 +421,10 @@ class HippoWriter(Writer):
         zero = steps[:1].clone().zero_()
         return torch.cat([steps, tails, zero], 0)
 
-    def _window_index(self, seq, stitch, offset, window, padded, device):
+    def _window_index(self, seq, stitch, offset, window, open_, device):
+        """Rows of the pools (see :meth:`_pools`) making up each row's window, and its mask."""
         n = offset.shape[0]
-        k = padded.shape[0] - 1  # the last entry is the blank one
+        k = open_.shape[0]
         back = torch.arange(window - 1, -1, -1, device=device)[None, :]
         off = offset[:, None]
         in_batch = back <= off
@@ -423,7 +437,7 @@ class HippoWriter(Writer):
         oidx = stitch.oidx[seq.seg][:, None]
         tail_pos = (window - 1) - (back - off)
         tail_pos_c = tail_pos.clamp(0, window - 2)
-        ctx_ok = stitched & ~in_batch & padded["tail", "mask"][oidx, tail_pos_c]
+        ctx_ok = stitched & ~in_batch & open_["tail", "mask"][oidx, tail_pos_c]
         ctx_src = n + oidx * (window - 1) + tail_pos_c
         idx = torch.where(in_batch, src, torch.where(ctx_ok, ctx_src, zero_row))
         return idx, in_batch | ctx_ok
@@ -449,13 +463,20 @@ class HippoWriter(Writer):
             out[sl] = keys.to(device=out.device, dtype=out.dtype)
         return out
 
-    def _place(self, n_write: int, storage: HippoStorage, protected: torch.Tensor) -> torch.Tensor:
+    def _place(
+        self, n_write: int, storage: HippoStorage, protected: torch.Tensor
+    ) -> tuple[torch.Tensor, int | None]:
+        """Rows for the next ``n_write`` transitions, and the ring position they start at.
+
+        The start is ``None`` when the rows are not one ring run (importance forgetting).
+        """
         capacity = storage.max_size
         dev = storage.table_device
         if self.forgetting == "fifo":
-            rows = (self._cursor + torch.arange(n_write, device=dev)) % capacity
-            self._cursor = (self._cursor + n_write) % capacity
-            return rows
+            start = self._cursor
+            rows = (start + torch.arange(n_write, device=dev)) % capacity
+            self._cursor = (start + n_write) % capacity
+            return rows, start
         high = len(storage)
         fresh = min(capacity - high, n_write)
         need = n_write - fresh
@@ -465,7 +486,28 @@ class HippoWriter(Writer):
         rows = torch.arange(high, high + fresh, device=dev)
         if need:
             rows = torch.cat([rows, storage.pop_free_rows(need)])
-        return rows
+        return rows, (high if not need else None)
+
+    @staticmethod
+    def _write_rows(
+        storage: HippoStorage, rows: torch.Tensor, start: int | None, out: TensorDictBase
+    ) -> None:
+        """Writes ``out`` at ``rows``; a ring run is written as (at most two) slices."""
+        n = out.shape[0]
+        capacity = storage.max_size
+        if start is None:
+            storage.set(rows, out, set_cursor=False)
+            high = int(rows.max()) + 1
+        else:
+            first = min(n, capacity - start)
+            if first == n:
+                storage.set(slice(start, start + n), out, set_cursor=False)
+            else:
+                storage.set(slice(start, capacity), out[:first], set_cursor=False)
+                storage.set(slice(0, n - first), out[first:], set_cursor=False)
+            high = start + first
+        storage._set_last_cursor(rows)
+        storage._len = max(len(storage), high)
 
     def episode_scores(self, storage: HippoStorage | None = None) -> torch.Tensor:
         """The importance score of every episode-table slot (``nan`` for empty slots).
@@ -524,63 +566,69 @@ class HippoWriter(Writer):
         storage.release_slots(evicted[table["done"][evicted]])
         storage.bump_key_revision()
 
-    def _rows_td(self, flat: TensorDictBase, written_rows: torch.Tensor) -> TensorDictBase:
+    def _rows_td(
+        self, flat: TensorDictBase, tail: slice, hippo: dict[str, torch.Tensor]
+    ) -> TensorDictBase:
+        """The rows to store: the input's entries (any ``"hippo"`` ones replaced) and ours."""
         out = flat.exclude("hippo")
-        if flat.device is not None and flat.device != written_rows.device:
-            written_rows = written_rows.to(flat.device)
-        out = out[written_rows]
-        return out.to(self._storage.table_device)
+        if tail.start:
+            out = out[tail]
+        dev = self._storage.table_device
+        if out.device != dev:
+            out = out.to(dev)
+        out.set("hippo", TensorDict._new_unsafe(hippo, batch_size=out.batch_size, device=dev))
+        return out
 
     def _update_open(
         self,
-        seq,
-        stitch,
-        seg_ep,
-        seg_slot,
-        base_step,
-        seg_return,
-        idx_seq,
-        win_idx,
-        win_mask,
-        pools,
-        window,
-        storage,
+        seq: _Segments,
+        stitch: _Stitch,
+        seg_ep: torch.Tensor,
+        seg_slot: torch.Tensor,
+        base_step: torch.Tensor,
+        seg_return: torch.Tensor,
+        idx_seq: torch.Tensor,
+        win_idx: torch.Tensor | None,
+        win_mask: torch.Tensor | None,
+        pools: TensorDict | None,
+        storage: HippoStorage,
     ) -> None:
+        """Drops the open episodes that ended or were continued, adds this batch's running ones."""
         open_ = self._open
-        keep = ~(stitch.consumed | stitch.abandoned)
-        still_open = ~seq.done_last & seq.last_of_key
+        keep = (~(stitch.consumed | stitch.abandoned)).nonzero().squeeze(1)
+        still_open = (~seq.done_last & seq.last_of_key).nonzero().squeeze(1)
         last = seq.last[still_open]
-        tail_idx = win_idx[last, 1:]
-        tail = pools[tail_idx]
-        tail.set("mask", win_mask[last, 1:])
-        new = TensorDict(
-            {
-                "key": seq.key[still_open],
-                "episode": seg_ep[still_open],
-                "slot": seg_slot[still_open],
-                "step": (base_step + seq.length)[still_open],
-                "ret": seg_return[still_open].to(torch.float64),
-                "last_row": idx_seq[last],
-                "tail": tail,
-            },
-            batch_size=[int(still_open.sum())],
-            device=open_.device,
-        )
-        merged = torch.cat([open_[keep], new], 0)
-        excess = merged.shape[0] - self.max_open_episodes
+        new = {
+            "key": seq.key[still_open],
+            "episode": seg_ep[still_open],
+            "slot": seg_slot[still_open],
+            "step": (base_step + seq.length)[still_open],
+            "ret": seg_return[still_open],
+            "last_row": idx_seq[last],
+        }
+        if pools is not None:
+            tail = pools[win_idx[last, 1:]]
+            tail.set("mask", win_mask[last, 1:])
+            new["tail"] = tail
+        if keep.numel() == 0:
+            merged = new
+        else:
+            merged = {name: torch.cat([open_.get(name)[keep], value]) for name, value in new.items()}
+        size = merged["key"].shape[0]
+        excess = size - self.max_open_episodes
         if excess > 0:
-            dropped = merged[:excess]["slot"]
+            dropped = merged["slot"][:excess]
             storage.episodes["done"][dropped] = True
             table_rows = storage.episodes["rows"][dropped]
             storage.release_slots(dropped[table_rows == 0])
-            merged = merged[excess:]
-        self._open = merged
+            merged = {name: value[excess:] for name, value in merged.items()}
+            size -= excess
+        self._open = TensorDict._new_unsafe(merged, batch_size=[size], device=open_.device)
 
     # ------------------------------------------------------------------ contract
     def _empty(self, empty_write_count: bool = True) -> None:
         self._cursor = 0
         self._open = None
-        self._blank = None
         if empty_write_count:
             self._write_count = 0
 
@@ -595,11 +643,16 @@ class HippoWriter(Writer):
         self._cursor = int(state_dict["cursor"])
         self._write_count = int(state_dict["write_count"])
         open_state = state_dict["open"]
-        self._open = (
-            None
-            if open_state is None
-            else TensorDict().load_state_dict(open_state, strict=False).clone()
-        )
+        if open_state is None:
+            self._open = None
+            return
+        open_ = TensorDict().load_state_dict(open_state, strict=False).clone()
+        if not self.defer_keys and "tail" not in open_.keys():
+            raise ValueError(
+                "state_dict holds the open episodes of a writer with defer_keys=True, which "
+                "keeps no window tails; load it into a HippoWriter(defer_keys=True)."
+            )
+        self._open = open_
 
     def dumps(self, path: str | Path) -> None:
         path = Path(path)
@@ -612,6 +665,7 @@ class HippoWriter(Writer):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(forgetting={self.forgetting!r}, window={self.encoder.window}, "
+            f"defer_keys={self.defer_keys}, "
             f"embed_dim={self.encoder.embed_dim}, write_count={self._write_count})"
         )
 
@@ -620,10 +674,15 @@ class _Segments:
     """Episode segments of one batch, in sequence order (streams contiguous)."""
 
     def __init__(
-        self, flat: TensorDictBase, writer: HippoWriter, *, shape: torch.Size, device
+        self,
+        flat: TensorDictBase,
+        writer: HippoWriter,
+        keys: set,
+        *,
+        shape: torch.Size,
+        device: torch.device,
     ) -> None:
         n = flat.shape[0]
-        keys = set(flat.keys(True, True))
 
         def flag(key: NestedKey) -> torch.Tensor:
             if key not in keys:
@@ -668,17 +727,26 @@ class _Segments:
         hit = same & self.first_of_key[:, None]
         match = same & self.can_stitch[:, None]
         stitched = match.any(1)
-        k = open_keys.numel()
-        oidx = match.to(torch.int8).argmax(1) if k else torch.zeros_like(self.key)
+        if open_keys.numel():
+            oidx = torch.where(stitched, match.to(torch.int8).argmax(1), 0)
+        else:
+            oidx = torch.zeros_like(self.key)
         return _Stitch(
             stitched=stitched,
-            oidx=torch.where(stitched, oidx, k),
+            oidx=oidx,
             consumed=match.any(0),
             abandoned=hit.any(0) & ~match.any(0),
         )
 
 
 class _Stitch:
+    """How a batch's segments continue the open episodes.
+
+    ``stitched[s]``: segment ``s`` continues open episode ``oidx[s]`` (``oidx`` is 0 where not
+    stitched); ``consumed[o]``: open episode ``o`` is continued; ``abandoned[o]``: its stream
+    restarted without continuing it.
+    """
+
     __slots__ = ("abandoned", "consumed", "oidx", "stitched")
 
     def __init__(self, stitched, oidx, consumed, abandoned) -> None:
