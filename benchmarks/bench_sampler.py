@@ -23,9 +23,10 @@ median of ``--repeats`` repeats; PASS/FAIL against the targets):
 3. **Realistic loop**: ``rb.sample()`` with 16 new random queries every 100 calls
    (``--loop-calls`` calls in all), and the same loop on the random buffer.
 4. **Writer throughput** into a full (wrapped) memory, ``rb.extend`` of ``--write-batch``-row
-   collector batches: (a) ``HippoWriter`` with its real encoder, (b) ``HippoWriter`` with
-   :class:`_NoEncodeEncoder` (a constant key, so only the writer's own bookkeeping is measured),
-   TorchRL's ``TensorDictRoundRobinWriter`` on ``LazyTensorStorage``, and the encoder's own
+   collector batches: (a) ``HippoWriter`` with its real encoder, (b)
+   ``HippoWriter(encoder, defer_keys=True)`` (rows written without their keys, which
+   ``storage.encode_pending()`` computes later in bulk: only the writer's own bookkeeping is
+   measured), TorchRL's ``TensorDictRoundRobinWriter`` on ``LazyTensorStorage``, and the encoder's own
    forward (``encoder.encode(..., target=True)`` under ``no_grad`` on the batch's
    ``[B, 8, ...]`` windows). Targets: (b) / round-robin throughput >= 0.5, and
    ``t_row(a) / (t_row(encoder forward) + t_row(round-robin))`` <= 1.5.
@@ -95,32 +96,8 @@ TARGETS = {
 # ----------------------------------------------------------------------------------------------
 # Encoders
 # ----------------------------------------------------------------------------------------------
-class _NoEncodeEncoder(DualEncoder):
-    """A :class:`DualEncoder` whose ``encode`` returns one constant unit key, at no cost.
-
-    Measures the writer's own bookkeeping: segmenting, windows, placing, the episode table.
-    It keeps the ``DualEncoder`` interface (``window``, ``embed_dim``, ``in_keys``,
-    ``version``) that :class:`HippoWriter` reads.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        key = torch.nn.functional.normalize(torch.ones(self.embed_dim), dim=0)
-        self.register_buffer("_constant_key", key)
-
-    def encode(self, observation, action, reward, mask=None, *, target=False, batch_dims=None):
-        if mask is not None:
-            batch = mask.shape[:-1]
-        elif batch_dims is not None:
-            batch = observation.shape[:batch_dims]
-        else:
-            batch = observation.shape[:-2]
-        key = self._constant_key.to(observation.device)
-        return key.expand(*batch, self.embed_dim)
-
-
-def _make_encoder(args, cls=DualEncoder) -> DualEncoder:
-    encoder = cls(
+def _make_encoder(args) -> DualEncoder:
+    encoder = DualEncoder(
         observation_dim=args.obs_dim,
         action_dim=args.action_dim,
         embed_dim=args.embed_dim,
@@ -186,10 +163,12 @@ class _Stream:
         return td.to(self.device)
 
 
-def _hippo_buffer(args, size: int, encoder: DualEncoder) -> TensorDictReplayBuffer:
+def _hippo_buffer(
+    args, size: int, encoder: DualEncoder, *, defer_keys: bool = False
+) -> TensorDictReplayBuffer:
     return TensorDictReplayBuffer(
         storage=HippoStorage(size, device=args.device),
-        writer=HippoWriter(encoder),
+        writer=HippoWriter(encoder, defer_keys=defer_keys),
         sampler=HippoSampler(mixture_ratio=args.mixture_ratio, top_k=args.top_k),
         batch_size=args.batch,
     )
@@ -608,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     print("3. realistic loop done")
 
     # ---- 4. writers into full memories; (b) gets its own memory, filled from the same stream
-    noenc = _hippo_buffer(args, args.size, _make_encoder(args, _NoEncodeEncoder))
+    noenc = _hippo_buffer(args, args.size, _make_encoder(args), defer_keys=True)
     _fill([noenc], _Stream(args, args.seed), args.size, args.chunk)
     w = measure_writers(
         args,
@@ -641,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         h = _hippo_buffer(args, size, _make_encoder(args))
         r = _random_buffer(args, size)
-        nb = _hippo_buffer(args, size, _make_encoder(args, _NoEncodeEncoder))
+        nb = _hippo_buffer(args, size, _make_encoder(args), defer_keys=True)
         _fill([h, r, nb], _Stream(args, args.seed), size, args.chunk)
         so = measure_sampler_only(args, h, r)
         ws = measure_writers(args, size, {"hippo_noencode": nb, "roundrobin": r}, None)
