@@ -224,3 +224,19 @@ def test_refresh_keys_updates_given_rows_only():
     assert storage.key_revision == revision + 1
     with pytest.raises(IndexError, match="rows must lie in"):
         storage.refresh_keys(torch.tensor([25]))
+
+
+def test_refresh_keys_refuses_non_finite_keys_and_skips_empty_refreshes():
+    rb = make_buffer(30)
+    rb.extend(make_episodes([12, 9]))
+    storage, encoder = rb.storage, rb.writer.encoder
+    before = storage.keys.clone()
+    revision = storage.key_revision
+    assert storage.refresh_keys(torch.empty(0, dtype=torch.int64)) == 0
+    assert storage.key_revision == revision
+    with torch.no_grad():
+        next(encoder.parameters()).fill_(float("nan"))
+    encoder.update_target(momentum=0.0)
+    with pytest.raises(FloatingPointError, match="NaN or inf keys"):
+        storage.refresh_keys()
+    torch.testing.assert_close(storage.keys, before, rtol=0, atol=0)

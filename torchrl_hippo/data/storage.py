@@ -181,12 +181,17 @@ class HippoStorage(LazyTensorStorage):
         self._num_free_slots = n + added.numel()
 
     def allocate_slots(self, n: int) -> torch.Tensor:
-        """Takes ``n`` free rows of the episode table and returns their slots."""
+        """Takes ``n`` free rows of the episode table and returns their slots.
+
+        The slots are clear (``id`` -1, every other field 0): :meth:`release_slots` clears
+        them, and :class:`~torchrl_hippo.HippoWriter` relies on it (it does not reset
+        ``rows`` or ``access`` of a new episode).
+        """
         self._ensure_tables()
         if n > self._num_free_slots:
             self._grow_table(n - self._num_free_slots)
         top = self._num_free_slots
-        slots = self._free_slots[top - n : top].flip(0).clone()
+        slots = self._free_slots[top - n : top].flip(0)  # a copy
         self._num_free_slots = top - n
         return slots
 
@@ -196,7 +201,7 @@ class HippoStorage(LazyTensorStorage):
         if not n:
             return
         for name, column in self.episodes.items():
-            column[slots] = -1 if name == "id" else 0
+            column.index_fill_(0, slots, -1 if name == "id" else 0)
         self._free_slots[self._num_free_slots : self._num_free_slots + n] = slots
         self._num_free_slots += n
 
@@ -311,8 +316,9 @@ class HippoStorage(LazyTensorStorage):
         Keyword Args:
             chunk_size (int, optional): rows encoded per forward pass. Defaults to ``8192``.
 
-        The keys change in place, so :attr:`key_revision` is bumped and a sampler's cached
-        retrieval pool is rebuilt at its next draw.
+        The keys change in place, so :attr:`key_revision` is bumped (when any row was refreshed)
+        and a sampler's cached retrieval pool is rebuilt at its next draw. Non-finite keys raise
+        ``FloatingPointError`` before their chunk is written.
         """
         if not self.initialized:
             raise RuntimeError("Cannot refresh the keys of an empty memory.")
@@ -324,7 +330,8 @@ class HippoStorage(LazyTensorStorage):
                 raise IndexError(f"rows must lie in [0, {len(self)}), got {rows.min()}..{rows.max()}.")
             rows = rows[self._row_slot[rows] >= 0]
         count = self._encode_rows(rows, chunk_size)
-        self.bump_key_revision()
+        if count:
+            self.bump_key_revision()
         return count
 
     @torch.no_grad()
@@ -355,6 +362,11 @@ class HippoStorage(LazyTensorStorage):
                 win.get(("hippo", "window_mask")),
                 target=True,
             )
+            if not bool(torch.isfinite(keys).all()):
+                raise FloatingPointError(
+                    "The encoder produced NaN or inf keys (check the stored observations and the "
+                    "encoder's weights); no key of this chunk was written."
+                )
             key_col[chunk] = keys.to(device=key_col.device, dtype=key_col.dtype)
             version_col[chunk] = int(encoder.version)
         return int(rows.numel())
