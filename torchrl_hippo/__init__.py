@@ -1,7 +1,24 @@
 """torchrl_hippo: a learnable, searchable episodic memory for TorchRL replay buffers."""
 
+from torchrl_hippo.consolidation import (
+    ConsolidationHook,
+    Consolidator,
+    MixtureRatioScheduler,
+    PairSampler,
+)
 from torchrl_hippo.data import HippoSampler, HippoStorage, HippoWriter
 from torchrl_hippo.modules import DualEncoder
+from torchrl_hippo.objectives import ReturnAwareContrastiveLoss
 
-__all__ = ["DualEncoder", "HippoSampler", "HippoStorage", "HippoWriter"]
+__all__ = [
+    "ConsolidationHook",
+    "Consolidator",
+    "DualEncoder",
+    "HippoSampler",
+    "HippoStorage",
+    "HippoWriter",
+    "MixtureRatioScheduler",
+    "PairSampler",
+    "ReturnAwareContrastiveLoss",
+]
 __version__ = "0.1.0"
