@@ -530,3 +530,136 @@ class TestDeferredKeys:
         rb.extend(make_episodes([6, 9])[:10])  # the second episode stays open
         with pytest.raises(ValueError, match="defer_keys=True"):
             HippoWriter(rb.writer.encoder).load_state_dict(rb.writer.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Property test: the writer against a plain-Python model of episode segmentation, over random
+# layouts (one stream or several; flat, interleaved by trajectory id, or [env, time]; is_init
+# restarts; batches larger than the memory; both forgetting policies; deferred or eager keys).
+# ---------------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class _ReferenceModel:
+    """Episodes per stream, step by step: what every written row must hold."""
+
+    def __init__(self):
+        self.open = {}  # stream -> episode number, while it runs
+        self.steps = {}  # episode -> storage row of each step (-1: not written)
+        self.returns = {}  # episode -> sum of its rewards so far
+        self.done = set()  # episodes that ended (done, or abandoned by an is_init)
+        self.rows = {}  # storage row -> (episode, step)
+
+    def write(self, streams, rewards, dones, inits, index):
+        for stream, reward, done, init, row in zip(streams, rewards, dones, inits, index):
+            episode = self.open.get(stream)
+            if episode is None or init:
+                if episode is not None:
+                    self.done.add(episode)  # abandoned
+                episode = len(self.steps)
+                self.steps[episode] = []
+                self.open[stream] = episode
+            self.steps[episode].append(row)
+            step = len(self.steps[episode]) - 1
+            self.returns[episode] = self.returns.get(episode, 0.0) + reward
+            if row >= 0:
+                self.rows[row] = (episode, step)
+            if done:
+                self.done.add(episode)
+                del self.open[stream]
+
+
+@st.composite
+def _writes(draw):
+    capacity = draw(st.sampled_from([7, 16, 60]))
+    batches = []
+    next_traj = 0
+    streams = {}
+    for _ in range(draw(st.integers(1, 6))):
+        layout = draw(st.sampled_from(["flat", "traj", "env"]))
+        envs = draw(st.integers(1, 3)) if layout != "flat" else 1
+        time = draw(st.integers(1, 9 if layout != "flat" else 25))
+        p_done = draw(st.sampled_from([0.05, 0.3]))
+        n = envs * time
+        done = [draw(st.floats(0, 1)) < p_done for _ in range(n)]
+        init = [draw(st.floats(0, 1)) < 0.1 for _ in range(n)]
+        traj = None
+        if layout == "traj":
+            traj = []
+            for i in range(n):
+                e = draw(st.integers(0, envs - 1))
+                if e not in streams:
+                    streams[e] = next_traj
+                    next_traj += 1
+                traj.append(streams[e])
+                if done[i]:  # a collector gives the next episode a new trajectory id
+                    streams[e] = next_traj
+                    next_traj += 1
+        batches.append((layout, envs, time, done, init, traj))
+    return capacity, batches
+
+
+def _batch(layout, envs, time, done, init, traj, seed):
+    n = envs * time
+    g = torch.Generator().manual_seed(seed)
+    data = TensorDict(
+        {
+            "observation": torch.randn(n, 3, generator=g),
+            "action": torch.randn(n, 2, generator=g),
+            "is_init": torch.tensor(init).reshape(n, 1),
+            "next": {
+                "reward": torch.randint(-3, 4, (n, 1), generator=g).float() / 2,
+                "done": torch.tensor(done).reshape(n, 1),
+            },
+        },
+        batch_size=[n],
+    )
+    if traj is not None:
+        data["collector", "traj_ids"] = torch.tensor(traj)
+        return data, traj
+    if layout == "env":
+        return data.reshape(envs, time), [i // time for i in range(n)]
+    return data, [0] * n
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_writes(), st.sampled_from(["fifo", "importance"]), st.booleans())
+def test_writer_matches_a_reference_model(writes, forgetting, defer_keys):
+    capacity, batches = writes
+    rb = make_buffer(capacity, forgetting=forgetting, defer_keys=defer_keys)
+    rb.writer.evict_fraction = 0.0
+    model = _ReferenceModel()
+    for i, (layout, envs, time, done, init, traj) in enumerate(batches):
+        data, streams = _batch(layout, envs, time, done, init, traj, seed=i)
+        flat = data.reshape(-1)
+        index = rb.extend(data).reshape(-1).tolist()
+        rewards = flat["next", "reward"].reshape(-1).tolist()
+        model.write(streams, rewards, done, init, index)
+        TestForgetting.check_table(rb)
+
+    storage = rb.storage
+    valid = storage.valid_mask().nonzero().squeeze(1)
+    rows = storage.get(valid)
+    episodes = {}
+    for row, episode, step, ret, prev in zip(
+        valid.tolist(),
+        rows["hippo", "episode"].tolist(),
+        rows["hippo", "step"].tolist(),
+        rows["hippo", "return"].tolist(),
+        rows["hippo", "prev"].tolist(),
+    ):
+        ref_episode, ref_step = model.rows[row]
+        # The same partition into episodes, whatever the ids.
+        assert episodes.setdefault(episode, ref_episode) == ref_episode
+        assert step == ref_step
+        assert ret == pytest.approx(model.returns[ref_episode])
+        assert prev == (model.steps[ref_episode][step - 1] if step else -1)
+    table = storage.episodes
+    for episode, ref_episode in episodes.items():
+        slot = int((table["id"] == episode).nonzero())
+        assert int(table["length"][slot]) == len(model.steps[ref_episode])
+        assert bool(table["done"][slot]) == (ref_episode in model.done)
+    if defer_keys and len(storage):
+        storage.encode_pending()
+    assert (storage.get(valid)["hippo", "key_version"] >= 0).all()

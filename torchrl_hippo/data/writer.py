@@ -16,6 +16,14 @@ from torchrl_hippo.data.storage import HIPPO_KEYS, HippoStorage
 __all__ = ["HippoWriter"]
 
 _FORGETTING = ("fifo", "importance")
+#: The per-row entries the writer computes, under "hippo", with their dtypes (and "key").
+_HIPPO_DTYPES = {
+    "episode": torch.int64,
+    "step": torch.int64,
+    "return": torch.float32,
+    "key_version": torch.int64,
+    "prev": torch.int64,
+}
 _DEFAULT_EVICTION_WEIGHTS = {"return": 1.0, "access": 0.5, "recency": 1.0}
 
 
@@ -182,10 +190,11 @@ class HippoWriter(Writer):
         storage.encoder = self.encoder
 
     def _check_embed_dim(self, storage: HippoStorage) -> None:
-        if storage.embed_dim is not None and storage.embed_dim != self.encoder.embed_dim:
+        dim = storage.embed_dim
+        if dim is not None and dim != self.encoder.embed_dim:
             raise ValueError(
                 f"encoder.embed_dim={self.encoder.embed_dim} does not match the storage's stored "
-                f"keys of size {storage.embed_dim}."
+                f"keys of size {dim}."
             )
 
     # ------------------------------------------------------------------ writing
@@ -196,37 +205,40 @@ class HippoWriter(Writer):
         return self.extend(data.unsqueeze(0))[0]
 
     def extend(self, data: TensorDictBase) -> torch.Tensor:
+        # Hot path: a few dozen small tensor ops per call, so ops are chosen for their fixed
+        # cost (index_select / index_copy_ rather than advanced indexing, slices where a set of
+        # rows is a run) and per-segment work is done once, on segments rather than rows.
         storage: HippoStorage = self._storage
         if storage is None:
             raise RuntimeError("HippoWriter has no storage: use it inside a replay buffer.")
-        flat, shape, keys = self._validate(data)
+        flat, shape, entries = self._validate(data)
+        # The device of the tables, found without touching the storage yet.
+        dev = flat.device if storage.device == "auto" and flat.device is not None else None
+        dev = storage.table_device if dev is None else torch.device(dev)
+        seq = _Segments(entries, shape, dev)
+        if not seq.finite and not torch.isfinite(entries["reward"]).all():
+            raise ValueError(f"reward {self.reward_key!r} contains NaN or inf values.")
         storage._ensure_tables(device=flat.device if flat.device is not None else None)
         self._check_embed_dim(storage)
-        dev = storage.table_device
-        n = flat.shape[0]
-        seq = _Segments(flat, self, keys, shape=shape, device=dev)
+        n = seq.n
         if seq.order is not None:
             flat = flat[seq.order.to(flat.device) if flat.device is not None else seq.order]
         window = self.encoder.window
         self._ensure_open(flat, window, dev)
         open_ = self._open
-        stitch = seq.match(open_["key"])
-        stitched = stitch.stitched
+        stitch = seq.match(open_.get("key"))
+        first, last = seq.first, seq.last
 
-        def from_open(field: str, default: float) -> torch.Tensor:
-            """Per segment: the open episode's ``field`` where stitched, else ``default``."""
-            if not open_.shape[0]:
-                return torch.full((seq.num,), default, device=dev, dtype=open_[field].dtype)
-            return torch.where(stitched, open_[field][stitch.oidx], default)
-
-        # Per-row episode bookkeeping, all vectorised over rows and segments.
-        offset = torch.arange(n, device=dev) - seq.first[seq.seg]
-        base_step = from_open("step", 0)
-        base_ret = from_open("ret", 0.0)
-        step = base_step[seq.seg] + offset
-        csum = torch.cumsum(seq.reward, 0)
-        running = csum - (csum[seq.first] - seq.reward[seq.first])[seq.seg] + base_ret[seq.seg]
-        seg_return = running[seq.last]
+        # Per segment: where its episode stood before this batch (None: nowhere, all fresh).
+        base_step = stitch.per_segment(open_.get("step"), 0)
+        base_ret = stitch.per_segment(open_.get("ret"), 0.0)
+        origin = first if base_step is None else first - base_step  # step = row - origin
+        csum = seq.csum
+        start_sum = (csum - seq.reward).index_select(0, first)  # running = csum - start_sum
+        seg_return = csum.index_select(0, last) - start_sum
+        if base_ret is not None:
+            seg_return += base_ret
+        seg_length = seq.length if base_step is None else base_step + seq.length
 
         # A batch larger than the memory keeps its last rows: rows[tail] are written.
         n_write = min(n, storage.max_size)
@@ -243,82 +255,120 @@ class HippoWriter(Writer):
                     n_write, self.encoder.embed_dim
                 )
         else:
-            win_idx, win_mask = self._window_index(seq, stitch, offset, window, open_, dev)
+            win_idx, win_mask = self._window_index(seq, stitch, window, open_, dev)
             pools = self._pools(flat, open_, window, dev)
             keys = self._encode(pools, win_idx[tail], win_mask[tail], storage)
 
         # ---- from here on the memory is mutated ----
-        rows, start = self._place(n_write, storage, open_["slot"][stitch.oidx[stitched]])
+        # Rows about to be overwritten may hold no transition (slot -1) if the memory is not
+        # full or has evicted rows, or is about to evict some (importance forgetting).
+        capacity = storage.max_size
+        importance = self.forgetting == "importance"
+        some_unset = importance or len(storage) < capacity or storage.num_free_rows > 0
+        protected = open_.get("slot").index_select(0, stitch.open) if importance else None
+        rows, start = self._place(n_write, storage, protected)
         if n_write == n:
             idx_seq = rows
         else:
             idx_seq = torch.full((n,), -1, dtype=torch.int64, device=dev)
             idx_seq[tail] = rows
+        # The usual fifo write is one run of rows: the storage's "hippo" entries there are
+        # then computed in place (``cols``, views of the storage's columns).
+        run = start is not None and n_write == n and start + n <= capacity
+        cols = self._hippo_columns(storage, start, n) if run else {}
 
-        n_new = int(seq.num - stitched.sum())
-        new_slots = storage.allocate_slots(n_new)
+        # Episode table: fresh segments get a new slot and id, every segment its new state.
+        n_new = seq.num - stitch.num
+        new_slots = storage.allocate_slots(n_new)  # cleared slots: no rows, no access
         new_ids = storage.new_episode_ids(n_new)
-        seg_slot = from_open("slot", 0)
-        seg_ep = from_open("episode", 0)
-        fresh = ~stitched
-        seg_slot[fresh] = new_slots
-        seg_ep[fresh] = new_ids
-
+        seg_slot = stitch.per_segment(open_.get("slot"), new_slots)
+        seg_ep = stitch.per_segment(open_.get("episode"), new_ids)
         clock = storage.clock
         table = storage.episodes
         if n_new:
-            table["id"][new_slots] = new_ids
-            table["inserted"][new_slots] = clock + seq.first[fresh]
-            table["access"][new_slots] = 0
-            table["rows"][new_slots] = 0
-        table["return"][seg_slot] = seg_return.to(torch.float32)
-        table["length"][seg_slot] = base_step + seq.length
-        table["updated"][seg_slot] = clock + seq.last
-        table["done"][seg_slot] = seq.done_last | ~seq.last_of_key
-        abandoned_slots = open_["slot"][stitch.abandoned]
-        table["done"][abandoned_slots] = True
+            table.get("id").index_copy_(0, new_slots, new_ids)
+            table.get("inserted").index_copy_(0, new_slots, _select(first, stitch.fresh) + clock)
+        table.get("return").index_copy_(0, seg_slot, seg_return.to(torch.float32))
+        table.get("length").index_copy_(0, seg_slot, seg_length)
+        table.get("updated").index_copy_(0, seg_slot, last + clock)
+        table.get("done").index_copy_(0, seg_slot, seq.closed)
+        abandoned = None
+        if stitch.abandoned.numel():
+            abandoned = open_.get("slot").index_select(0, stitch.abandoned)
+            table.get("done").index_fill_(0, abandoned, True)
 
-        prev = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        prev[1:] = idx_seq[:-1]
-        prev[seq.first] = from_open("last_row", -1)
+        # Live rows per episode: minus the rows overwritten, plus the rows written. Rows come
+        # in runs of one episode, so the overwritten slots are counted per run.
+        row_slot = storage.row_slot
+        old_slot, counts = torch.unique_consecutive(
+            row_slot[rows] if start is None else _ring(row_slot, start, n_write),
+            return_counts=True,
+        )
+        if some_unset:
+            written_before = old_slot >= 0
+            old_slot, counts = old_slot[written_before], counts[written_before]
+        table_rows = table.get("rows")
+        table_rows.index_add_(0, old_slot, counts, alpha=-1)
+        if n_write == n:
+            written = seq.length
+        else:
+            written = seq.end.clamp_min(tail.start) - first.clamp_min(tail.start)
+        table_rows.index_add_(0, seg_slot, written)
+        slot_of_row = seq.per_row(seg_slot, out=row_slot[start : start + n] if run else None)
+        if not run:
+            slot_of_row = slot_of_row[tail]
+            if start is None:
+                row_slot.index_copy_(0, rows, slot_of_row)
+            else:
+                _ring_set(row_slot, start, slot_of_row)
 
-        row_slot = seg_slot[seq.seg][tail]
-        old_slot = storage.row_slot[rows]
-        overwritten = old_slot[old_slot >= 0]
-        table_rows = table["rows"]
-        table_rows.index_add_(0, overwritten, overwritten.new_full((), -1).expand_as(overwritten))
-        table_rows.index_add_(0, row_slot, row_slot.new_ones(()).expand_as(row_slot))
-        storage.row_slot[rows] = row_slot
-
+        # The rows' own entries: episode, step, running return, key version, previous row
+        # (the row before, or the episode's last stored row).
         hippo = {
-            "episode": seg_ep[seq.seg][tail],
-            "step": step[tail],
-            "return": running[tail].to(torch.float32),
-            "key_version": torch.full(
-                (n_write,),
-                -1 if self.defer_keys else int(self.encoder.version),
-                dtype=torch.int64,
-                device=dev,
-            ),
-            "prev": prev[tail],
+            "episode": seq.per_row(seg_ep, out=cols.get("episode")),
+            "step": torch.sub(_arange(n, dev), seq.per_row(origin), out=cols.get("step")),
+        }
+        running = csum - seq.per_row(start_sum)
+        if base_ret is not None:
+            running += seq.per_row(base_ret)
+        if "return" in cols:
+            cols["return"].copy_(running)
+        else:
+            hippo["return"] = running.to(torch.float32)
+        version = -1 if self.defer_keys else int(self.encoder.version)
+        if "key_version" in cols:
+            cols["key_version"].fill_(version)
+        else:
+            hippo["key_version"] = torch.full((n,), version, dtype=torch.int64, device=dev)
+        prev = torch.sub(rows, 1, out=cols.get("prev")) if run else idx_seq.roll(1)
+        prev.index_fill_(0, first, -1)
+        if stitch.num:
+            prev.index_copy_(
+                0, _select(first, stitch.seg), open_.get("last_row").index_select(0, stitch.open)
+            )
+        hippo["prev"] = prev
+        hippo = {
+            name: value[tail] if tail.start else value
+            for name, value in hippo.items()
+            if name not in cols
         }
         if keys is not None:
             hippo["key"] = keys
-        out = self._rows_td(flat, tail, hippo)
-        self._write_rows(storage, rows, start, out)
+        self._write_rows(storage, rows, start, flat, tail, hippo)
         if self.defer_keys:
             storage.add_pending_keys(rows)
 
-        # Slots whose episode has ended and has no row left are recycled. Overwritten rows come
-        # in runs of one episode each, so unique_consecutive first shrinks them cheaply.
-        maybe_free = torch.cat(
-            [torch.unique_consecutive(overwritten), abandoned_slots, seg_slot]
-        ).unique()
-        free = maybe_free[(table_rows[maybe_free] == 0) & table["done"][maybe_free]]
-        storage.release_slots(free)
+        # Slots whose episode has ended and has no row left are recycled: those that lost
+        # rows, the abandoned ones, and (if the batch did not fit) the batch's own.
+        maybe_free = [old_slot]
+        if abandoned is not None:
+            maybe_free.append(abandoned)
+        if n_write < n:
+            maybe_free.append(seg_slot)
+        self._recycle_slots(storage, maybe_free)
 
         self._update_open(
-            seq, stitch, seg_ep, seg_slot, base_step, seg_return, idx_seq, win_idx, win_mask,
+            seq, stitch, seg_ep, seg_slot, seg_length, seg_return, idx_seq, win_idx, win_mask,
             pools, storage,
         )
         storage.clock = clock + n
@@ -326,68 +376,81 @@ class HippoWriter(Writer):
         for ent in storage._attached_entities_iter():
             ent.mark_update(rows)
 
-        if seq.order is None:
-            index = idx_seq
-        else:
-            index = torch.empty_like(idx_seq)
-            index[seq.order] = idx_seq
-        index = index.reshape(shape)
+        index = idx_seq
+        if seq.order is not None:
+            index = torch.empty_like(idx_seq).index_copy_(0, seq.order, idx_seq)
+        if index.shape != shape:
+            index = index.reshape(shape)
         return index.to(data.device) if data.device is not None else index
 
     # ------------------------------------------------------------------ helpers
-    def _validate(self, data: Any) -> tuple[TensorDictBase, torch.Size, set]:
+    def _validate(self, data: Any) -> tuple[TensorDictBase, torch.Size, dict]:
+        """Checks the batch's structure; returns it flat, its shape and the entries we read.
+
+        The entries are ``reward`` and the optional ``done``, ``is_init`` and ``traj`` (``None``
+        when absent). Whether the rewards are finite is checked by :class:`_Segments`.
+        """
         if not isinstance(data, TensorDictBase):
             raise TypeError(f"data must be a TensorDict, got {type(data).__name__}.")
         if data.ndim not in (1, 2):
             raise ValueError(
                 f"data must have batch size [N] or [env, time], got {list(data.batch_size)}."
             )
-        if data.numel() == 0:
+        n = data.numel()
+        if n == 0:
             raise ValueError("data is empty: extend needs at least one transition.")
-        keys = set(data.keys(True, True))
-        for name, key in (
-            ("observation", self.observation_key),
-            ("action", self.action_key),
-            ("reward", self.reward_key),
+
+        def leaf(key: NestedKey) -> torch.Tensor | None:
+            value = data.get(key, None)
+            return value if isinstance(value, torch.Tensor) else None
+
+        obs = leaf(self.observation_key)
+        for name, key, value in (
+            ("observation", self.observation_key, obs),
+            ("action", self.action_key, leaf(self.action_key)),
         ):
-            if key not in keys:
+            if value is None:
                 raise ValueError(f"data has no {name} entry {key!r}.")
-        if self.done_key not in keys and self.traj_key not in keys:
+        reward = leaf(self.reward_key)
+        if reward is None:
+            raise ValueError(f"data has no reward entry {self.reward_key!r}.")
+        done, traj = leaf(self.done_key), leaf(self.traj_key)
+        if done is None and traj is None:
             raise ValueError(
                 f"data has neither a done entry {self.done_key!r} nor trajectory ids "
                 f"{self.traj_key!r}: episodes cannot be segmented."
             )
         shape = data.batch_size
-        reward = data.get(self.reward_key)
         if not reward.is_floating_point():
             raise TypeError(
                 f"reward {self.reward_key!r} must be floating point, got {reward.dtype}."
             )
-        if reward[0 if data.ndim == 1 else (0, 0)].numel() != 1:
+        if reward.numel() != n:
             raise ValueError(
                 f"reward {self.reward_key!r} must hold one scalar per transition, got shape "
                 f"{list(reward.shape)} for batch {list(shape)}."
             )
-        if not torch.isfinite(reward).all():
-            raise ValueError(f"reward {self.reward_key!r} contains NaN or inf values.")
-        if self.done_key in keys:
-            done = data.get(self.done_key)
-            if done.reshape(*shape, -1).shape[-1] != 1:
-                raise ValueError(
-                    f"done {self.done_key!r} must hold one flag per transition, got shape "
-                    f"{list(done.shape)} for batch {list(shape)}."
-                )
-        obs = data.get(self.observation_key)
+        if done is not None and done.numel() != n:
+            raise ValueError(
+                f"done {self.done_key!r} must hold one flag per transition, got shape "
+                f"{list(done.shape)} for batch {list(shape)}."
+            )
         obs_dim = getattr(self.encoder, "observation_dim", None)
         if getattr(self.encoder, "observation_encoder", None) is None and obs_dim is not None:
-            feat = obs.reshape(*shape, -1).shape[-1]
+            feat = obs.numel() // n
             if feat != obs_dim:
                 raise ValueError(
                     f"observation {self.observation_key!r} has {feat} features per transition, "
                     f"the encoder expects observation_dim={obs_dim}."
                 )
         flat = data.reshape(-1) if data.ndim == 2 else data
-        return flat, shape, keys
+        entries = {
+            "reward": reward,
+            "done": done,
+            "is_init": leaf(self.is_init_key),
+            "traj": traj,
+        }
+        return flat, shape, entries
 
     def _ensure_open(self, flat: TensorDictBase, window: int, device: torch.device) -> None:
         if self._open is not None:
@@ -421,20 +484,22 @@ class HippoWriter(Writer):
         zero = steps[:1].clone().zero_()
         return torch.cat([steps, tails, zero], 0)
 
-    def _window_index(self, seq, stitch, offset, window, open_, device):
+    def _window_index(self, seq, stitch, window, open_, device):
         """Rows of the pools (see :meth:`_pools`) making up each row's window, and its mask."""
-        n = offset.shape[0]
+        n = seq.n
         k = open_.shape[0]
+        offset = _arange(n, device) - seq.first[seq.seg]
         back = torch.arange(window - 1, -1, -1, device=device)[None, :]
         off = offset[:, None]
         in_batch = back <= off
-        src = torch.arange(n, device=device)[:, None] - back
+        src = _arange(n, device)[:, None] - back
         zero_row = n + k * (window - 1)
         if window == 1 or k == 0:
             idx = torch.where(in_batch, src, zero_row)
             return idx, in_batch
-        stitched = stitch.stitched[seq.seg][:, None]
-        oidx = stitch.oidx[seq.seg][:, None]
+        seg_stitched, seg_oidx = stitch.masks()
+        stitched = seg_stitched[seq.seg][:, None]
+        oidx = seg_oidx[seq.seg][:, None]
         tail_pos = (window - 1) - (back - off)
         tail_pos_c = tail_pos.clamp(0, window - 2)
         ctx_ok = stitched & ~in_batch & open_["tail", "mask"][oidx, tail_pos_c]
@@ -464,7 +529,7 @@ class HippoWriter(Writer):
         return out
 
     def _place(
-        self, n_write: int, storage: HippoStorage, protected: torch.Tensor
+        self, n_write: int, storage: HippoStorage, protected: torch.Tensor | None
     ) -> tuple[torch.Tensor, int | None]:
         """Rows for the next ``n_write`` transitions, and the ring position they start at.
 
@@ -474,7 +539,9 @@ class HippoWriter(Writer):
         dev = storage.table_device
         if self.forgetting == "fifo":
             start = self._cursor
-            rows = (start + torch.arange(n_write, device=dev)) % capacity
+            rows = _arange(n_write, dev) + start
+            if start + n_write > capacity:
+                rows %= capacity
             self._cursor = (start + n_write) % capacity
             return rows, start
         high = len(storage)
@@ -489,23 +556,75 @@ class HippoWriter(Writer):
         return rows, (high if not need else None)
 
     @staticmethod
+    def _hippo_columns(storage: HippoStorage, start: int, n: int) -> dict[str, torch.Tensor]:
+        """Views of the storage's ``"hippo"`` entries at rows ``start:start + n`` (a run).
+
+        Empty unless the storage is a plain TensorDict that holds them all (so not before the
+        first write), in which case :meth:`_write_rows` would write them the same way.
+        """
+        store = storage._storage
+        if not (storage.initialized and type(store) is TensorDict and storage._storage_keys is None):
+            return {}
+        hippo = store.get("hippo", None)
+        if type(hippo) is not TensorDict:
+            return {}
+        cols = {}
+        for name, dtype in _HIPPO_DTYPES.items():
+            column = hippo.get(name, None)
+            if not isinstance(column, torch.Tensor) or column.dtype != dtype:
+                return {}
+            cols[name] = column[start : start + n]
+        return cols
+
     def _write_rows(
-        storage: HippoStorage, rows: torch.Tensor, start: int | None, out: TensorDictBase
+        self,
+        storage: HippoStorage,
+        rows: torch.Tensor,
+        start: int | None,
+        flat: TensorDictBase,
+        tail: slice,
+        hippo: dict[str, torch.Tensor],
     ) -> None:
-        """Writes ``out`` at ``rows``; a ring run is written as (at most two) slices."""
-        n = out.shape[0]
-        capacity = storage.max_size
-        if start is None:
-            storage.set(rows, out, set_cursor=False)
-            high = int(rows.max()) + 1
+        """Writes ``flat[tail]`` (its ``"hippo"`` entries replaced by ``hippo``) at ``rows``.
+
+        A ring run (``start`` given) is written as (at most two) slices. Once the storage
+        exists and holds every entry of the batch, the entries are copied leaf by leaf;
+        otherwise (first write, new entries, a locked storage) through
+        :meth:`HippoStorage.set`, which creates them.
+        """
+        store = storage._storage
+        pairs = []
+        if storage.initialized and type(store) is TensorDict and storage._storage_keys is None:
+            items = [
+                (key, value[tail] if tail.start else value)
+                for key, value in flat.items(True, True)
+                if not (key == "hippo" or (isinstance(key, tuple) and key[0] == "hippo"))
+            ]
+            items += [(("hippo", name), value) for name, value in hippo.items()]
+            for key, value in items:
+                column = store.get(key, None)
+                if not isinstance(column, torch.Tensor) or not isinstance(value, torch.Tensor):
+                    pairs = None
+                    break
+                pairs.append((column, value))
         else:
-            first = min(n, capacity - start)
-            if first == n:
-                storage.set(slice(start, start + n), out, set_cursor=False)
+            pairs = None
+        if pairs is None:
+            out = self._rows_td(flat, tail, hippo)
+            if start is None:
+                storage.set(rows, out, set_cursor=False)
             else:
-                storage.set(slice(start, capacity), out[:first], set_cursor=False)
-                storage.set(slice(0, n - first), out[first:], set_cursor=False)
-            high = start + first
+                for ring_rows, part in _ring_parts(start, out.shape[0], storage.max_size):
+                    storage.set(ring_rows, out[part], set_cursor=False)
+        else:
+            for column, value in pairs:
+                if start is None:
+                    column[rows] = value.to(column.device)
+                else:
+                    _ring_set(column, start, value)
+            storage._bump_mutation_revision()
+        n = rows.shape[0]
+        high = int(rows.max()) + 1 if start is None else start + min(n, storage.max_size - start)
         storage._set_last_cursor(rows)
         storage._len = max(len(storage), high)
 
@@ -579,13 +698,27 @@ class HippoWriter(Writer):
         out.set("hippo", TensorDict._new_unsafe(hippo, batch_size=out.batch_size, device=dev))
         return out
 
+    @staticmethod
+    def _recycle_slots(storage: HippoStorage, candidates: list[torch.Tensor]) -> None:
+        """Releases the slots among ``candidates`` whose episode ended and has no row left."""
+        slots = candidates[0] if len(candidates) == 1 else torch.cat(candidates)
+        if not slots.numel():
+            return
+        table = storage.episodes
+        dead = table.get("rows").index_select(0, slots) == 0
+        dead &= table.get("done").index_select(0, slots)
+        free = slots.masked_select(dead)
+        if free.numel():
+            # A slot can be listed twice (its rows were overwritten as two runs).
+            storage.release_slots(free.unique() if free.numel() > 1 else free)
+
     def _update_open(
         self,
         seq: _Segments,
         stitch: _Stitch,
         seg_ep: torch.Tensor,
         seg_slot: torch.Tensor,
-        base_step: torch.Tensor,
+        seg_length: torch.Tensor,
         seg_return: torch.Tensor,
         idx_seq: torch.Tensor,
         win_idx: torch.Tensor | None,
@@ -595,24 +728,27 @@ class HippoWriter(Writer):
     ) -> None:
         """Drops the open episodes that ended or were continued, adds this batch's running ones."""
         open_ = self._open
-        keep = (~(stitch.consumed | stitch.abandoned)).nonzero().squeeze(1)
-        still_open = (~seq.done_last & seq.last_of_key).nonzero().squeeze(1)
-        last = seq.last[still_open]
+        still = seq.still_open()
+        last = _select(seq.last, still)
         new = {
-            "key": seq.key[still_open],
-            "episode": seg_ep[still_open],
-            "slot": seg_slot[still_open],
-            "step": (base_step + seq.length)[still_open],
-            "ret": seg_return[still_open],
-            "last_row": idx_seq[last],
+            "key": seq.keys(still),
+            "episode": _select(seg_ep, still),
+            "slot": _select(seg_slot, still),
+            "step": _select(seg_length, still),
+            "ret": _select(seg_return, still),
+            "last_row": idx_seq.index_select(0, last),
         }
         if pools is not None:
             tail = pools[win_idx[last, 1:]]
             tail.set("mask", win_mask[last, 1:])
             new["tail"] = tail
-        if keep.numel() == 0:
+        size = open_.shape[0]
+        if stitch.ended.numel() == size:
             merged = new
         else:
+            keep = torch.ones(size, dtype=torch.bool, device=open_.device)
+            keep[stitch.ended] = False
+            keep = keep.nonzero().squeeze(1)
             merged = {name: torch.cat([open_.get(name)[keep], value]) for name, value in new.items()}
         size = merged["key"].shape[0]
         excess = size - self.max_open_episodes
@@ -671,86 +807,241 @@ class HippoWriter(Writer):
 
 
 class _Segments:
-    """Episode segments of one batch, in sequence order (streams contiguous)."""
+    """Episode segments of one batch, in sequence order (streams contiguous).
 
-    def __init__(
-        self,
-        flat: TensorDictBase,
-        writer: HippoWriter,
-        keys: set,
-        *,
-        shape: torch.Size,
-        device: torch.device,
-    ) -> None:
-        n = flat.shape[0]
+    Rows are taken in *sequence order*: the input's, or sorted by trajectory id (``order``)
+    when a flat batch interleaves streams. A segment is a run of rows of one stream and one
+    episode, rows ``first[s]`` to ``last[s]`` (``end = last + 1``); :meth:`per_row` spreads
+    per-segment values over the rows. A stream is told apart by its trajectory id, else by
+    its environment in an ``[env, time]`` batch; a flat batch without trajectory ids is one
+    stream (``key is None``): only its first segment can continue an open episode (that of
+    key 0), only its last one can stay open.
+    """
 
-        def flag(key: NestedKey) -> torch.Tensor:
-            if key not in keys:
-                return torch.zeros(n, dtype=torch.bool, device=device)
-            return flat.get(key).reshape(n).to(device=device, dtype=torch.bool)
+    def __init__(self, entries: dict, shape: torch.Size, device: torch.device) -> None:
+        n = shape.numel()
+        self.n = n
 
-        done, is_init = flag(writer.done_key), flag(writer.is_init_key)
-        reward = flat.get(writer.reward_key).reshape(n).to(device=device, dtype=torch.float64)
+        def flat(name: str, dtype: torch.dtype) -> torch.Tensor | None:
+            value = entries[name]
+            return None if value is None else value.reshape(n).to(device=device, dtype=dtype)
+
+        done, is_init = flat("done", torch.bool), flat("is_init", torch.bool)
+        reward, key = flat("reward", torch.float64), flat("traj", torch.int64)
         self.order = None
-        if writer.traj_key in keys:
-            key = flat.get(writer.traj_key).reshape(n).to(device=device, dtype=torch.int64)
-            if len(shape) == 1 and n > 1 and bool((key[1:] < key[:-1]).any()):
-                self.order = torch.argsort(key, stable=True)
-        elif len(shape) == 2:
-            # One stream per environment: row e * time + t belongs to env e.
-            key = torch.arange(shape[0], device=device).repeat_interleave(shape[1])
+        if key is not None and len(shape) == 1 and n > 1 and bool((key[1:] < key[:-1]).any()):
+            self.order = torch.argsort(key, stable=True)
+            done, is_init, reward, key = (
+                None if t is None else t.index_select(0, self.order)
+                for t in (done, is_init, reward, key)
+            )
+        # bound[i]: a segment starts at row i (row 0, after a done, at an is_init, where the
+        # stream changes); bound[n] closes the last one.
+        true = _constants(device).true
+        if done is None:
+            bound = torch.zeros(n + 1, dtype=torch.bool, device=device)
+            bound[::n] = True
         else:
-            key = torch.zeros(n, dtype=torch.int64, device=device)
-        if self.order is not None:
-            key, done, is_init, reward = (t[self.order] for t in (key, done, is_init, reward))
-        start = torch.ones(n, dtype=torch.bool, device=device)
-        start[1:] = (key[1:] != key[:-1]) | done[:-1]
-        start |= is_init
-        self.seg = torch.cumsum(start, 0) - 1
-        self.first = start.nonzero().squeeze(1)
+            bound = torch.cat([true, done[:-1], true])
+        if is_init is not None:
+            bound[:n] |= is_init
+        time = shape[1] if key is None and len(shape) == 2 and shape[0] > 1 else None
+        if time is not None:  # one stream per environment: row e * time + t belongs to env e
+            bound[::time] = True
+        elif key is not None:
+            bound[1:n] |= key[1:] != key[:-1]
+        edges = bound.nonzero().squeeze(1)
+        self.first, self.end = edges[:-1], edges[1:]
+        self.last = self.end - 1
+        self.length = self.end - self.first
         self.num = self.first.shape[0]
-        self.last = torch.cat([self.first[1:] - 1, torch.tensor([n - 1], device=device)])
-        self.length = self.last - self.first + 1
-        self.key = key[self.first]
-        self.done_last = done[self.last]
+        self._seg = bound[:n].cumsum(0)
+        self._seg -= 1
         self.reward = reward
-        first_of_key = torch.ones(self.num, dtype=torch.bool, device=device)
-        first_of_key[1:] = self.key[1:] != self.key[:-1]
-        self.first_of_key = first_of_key
-        self.can_stitch = first_of_key & ~is_init[self.first]
-        last_of_key = torch.ones(self.num, dtype=torch.bool, device=device)
-        last_of_key[:-1] = self.key[:-1] != self.key[1:]
-        self.last_of_key = last_of_key
+        self.csum = torch.cumsum(reward, 0)
+        # The total is finite iff every reward is (a float64 sum of float32s cannot overflow).
+        self.finite = math.isfinite(self.csum[-1])
+        self._is_init = is_init
+
+        # Per segment: the stream (key), whether it is the stream's first segment here, and
+        # whether its episode ended in this batch (done, or a later segment of it follows).
+        done_last = (
+            torch.zeros(self.num, dtype=torch.bool, device=device)
+            if done is None
+            else done.index_select(0, self.last)
+        )
+        if time is not None:
+            self.key = self.first // time
+            self._first_of_key = self.first % time == 0
+            self.closed = done_last | (self.end % time != 0)
+        elif key is not None:
+            self.key = key.index_select(0, self.first)
+            change = self.key[1:] != self.key[:-1]
+            self._first_of_key = torch.cat([true, change])
+            self.closed = done_last | ~torch.cat([change, true])
+        else:
+            self.key = self._first_of_key = None
+            done_last[:-1] = True
+            self.closed = done_last
+
+    @property
+    def seg(self) -> torch.Tensor:
+        """The segment of every row."""
+        return self._seg
+
+    def per_row(self, values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-segment ``values`` spread over the segments' rows (into ``out`` if given)."""
+        return torch.index_select(values, 0, self._seg, out=out)
+
+    def still_open(self) -> torch.Tensor | slice:
+        """The segments whose episode goes on after the batch."""
+        if self.key is None:
+            return slice(self.num - 1, self.num - int(self.closed[-1]))
+        return (~self.closed).nonzero().squeeze(1)
+
+    def keys(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """The streams of the segments ``index``."""
+        if self.key is None:
+            size = index.stop - index.start if isinstance(index, slice) else index.shape[0]
+            return torch.zeros(size, dtype=torch.int64, device=self.first.device)
+        return _select(self.key, index)
 
     def match(self, open_keys: torch.Tensor) -> _Stitch:
+        """Which segments continue which open episodes (those of ``open_keys``).
+
+        A stream's first segment in the batch continues the stream's open episode unless it
+        starts with ``is_init``, in which case the open episode is abandoned.
+        """
+        none = _constants(open_keys.device).no_index
+        if not open_keys.numel():
+            return _Stitch(self.num, slice(0, 0), none, slice(0, None), 0, none, none)
+        if self.key is None:
+            hit = (open_keys == 0).nonzero().squeeze(1)
+            if not hit.numel():
+                return _Stitch(self.num, slice(0, 0), none, slice(0, None), 0, none, none)
+            if self._is_init is not None and bool(self._is_init[0]):
+                return _Stitch(self.num, slice(0, 0), none, slice(0, None), 0, hit, hit)
+            return _Stitch(self.num, slice(0, 1), hit, slice(1, None), 1, hit, none)
         same = self.key[:, None] == open_keys[None, :]
-        hit = same & self.first_of_key[:, None]
-        match = same & self.can_stitch[:, None]
+        hit = same & self._first_of_key[:, None]
+        match = hit
+        if self._is_init is not None:
+            match = hit & ~self._is_init.index_select(0, self.first)[:, None]
         stitched = match.any(1)
-        if open_keys.numel():
-            oidx = torch.where(stitched, match.to(torch.int8).argmax(1), 0)
-        else:
-            oidx = torch.zeros_like(self.key)
+        seg = stitched.nonzero().squeeze(1)
+        opened = match.index_select(0, seg).to(torch.int8).argmax(1)
+        fresh = (~stitched).nonzero().squeeze(1)
+        ended = hit.any(0)
+        abandoned = (ended & ~match.any(0)).nonzero().squeeze(1)
         return _Stitch(
-            stitched=stitched,
-            oidx=oidx,
-            consumed=match.any(0),
-            abandoned=hit.any(0) & ~match.any(0),
+            self.num, seg, opened, fresh, seg.shape[0], ended.nonzero().squeeze(1), abandoned
         )
 
 
 class _Stitch:
     """How a batch's segments continue the open episodes.
 
-    ``stitched[s]``: segment ``s`` continues open episode ``oidx[s]`` (``oidx`` is 0 where not
-    stitched); ``consumed[o]``: open episode ``o`` is continued; ``abandoned[o]``: its stream
-    restarted without continuing it.
+    Segments ``seg`` continue open episodes ``open`` (``num`` of them), segments ``fresh``
+    start new episodes; ``ended`` are the open episodes continued or abandoned (their stream
+    restarted without continuing them), ``abandoned`` the latter. Segment indices are a slice
+    where they are a run, else a tensor; open-episode indices are tensors.
     """
 
-    __slots__ = ("abandoned", "consumed", "oidx", "stitched")
+    __slots__ = ("abandoned", "ended", "fresh", "num", "open", "seg", "segments")
 
-    def __init__(self, stitched, oidx, consumed, abandoned) -> None:
-        self.stitched = stitched
-        self.oidx = oidx
-        self.consumed = consumed
+    def __init__(self, segments, seg, open, fresh, num, ended, abandoned) -> None:
+        self.segments = segments
+        self.seg = seg
+        self.open = open
+        self.fresh = fresh
+        self.num = num
+        self.ended = ended
         self.abandoned = abandoned
+
+    def per_segment(
+        self, from_open: torch.Tensor, fresh: torch.Tensor | float
+    ) -> torch.Tensor | None:
+        """Per segment: ``from_open[o]`` where it continues open episode ``o``, else ``fresh``.
+
+        ``fresh`` is one value (then ``None`` comes back when no segment continues an
+        episode) or a tensor of one value per fresh segment.
+        """
+        if not self.num:
+            return fresh if isinstance(fresh, torch.Tensor) else None
+        continued = from_open.index_select(0, self.open)
+        if isinstance(self.seg, slice):  # the first segment continues, the others are fresh
+            if not isinstance(fresh, torch.Tensor):
+                fresh = continued.new_full((self.segments - 1,), fresh)
+            return torch.cat([continued, fresh])
+        if isinstance(fresh, torch.Tensor):
+            out = continued.new_empty(self.segments).index_copy_(0, self.fresh, fresh)
+        else:
+            out = continued.new_full((self.segments,), fresh)
+        return out.index_copy_(0, self.seg, continued)
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per segment: whether it continues an open episode, and which (0 where not)."""
+        device = self.open.device
+        stitched = torch.zeros(self.segments, dtype=torch.bool, device=device)
+        oidx = torch.zeros(self.segments, dtype=torch.int64, device=device)
+        stitched[self.seg] = True
+        oidx[self.seg] = self.open
+        return stitched, oidx
+
+
+def _select(values: torch.Tensor, index: torch.Tensor | slice) -> torch.Tensor:
+    """``values[index]`` for a slice (a view) or an index tensor (``index_select``)."""
+    return values[index] if isinstance(index, slice) else values.index_select(0, index)
+
+
+class _Constants:
+    """Small constant tensors of one device, made once (never write into them)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.true = torch.ones(1, dtype=torch.bool, device=device)
+        self.no_index = torch.zeros(0, dtype=torch.int64, device=device)
+        self.arange = torch.arange(1024, device=device)
+
+
+_CONSTANTS: dict[torch.device, _Constants] = {}
+
+
+def _constants(device: torch.device) -> _Constants:
+    constants = _CONSTANTS.get(device)
+    if constants is None:
+        constants = _CONSTANTS[device] = _Constants(device)
+    return constants
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """``torch.arange(n)``, a view of a cached buffer: never write into it."""
+    constants = _constants(device)
+    if constants.arange.shape[0] < n:
+        constants.arange = torch.arange(max(n, 2 * constants.arange.shape[0]), device=device)
+    return constants.arange[:n]
+
+
+def _ring_parts(start: int, n: int, capacity: int):
+    """The (ring rows, batch rows) slices of ``n`` rows written from ring position ``start``."""
+    first = min(n, capacity - start)
+    yield slice(start, start + first), slice(0, first)
+    if first < n:
+        yield slice(0, n - first), slice(first, n)
+
+
+def _ring(column: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Rows ``start, start + 1, ...`` (``n`` of them, wrapping) of ``column``."""
+    if start + n <= column.shape[0]:
+        return column[start : start + n]
+    return torch.cat([column[rows] for rows, _ in _ring_parts(start, n, column.shape[0])])
+
+
+def _ring_set(column: torch.Tensor, start: int, value: torch.Tensor) -> None:
+    """Writes ``value`` at rows ``start, start + 1, ...`` (wrapping) of ``column``."""
+    n = value.shape[0]
+    if start + n <= column.shape[0]:
+        column[start : start + n].copy_(value)
+        return
+    for rows, part in _ring_parts(start, n, column.shape[0]):
+        column[rows].copy_(value[part])
