@@ -230,6 +230,25 @@ class TestPoolCache:
         torch.testing.assert_close(pool.score, score)
         assert pool.index.tolist() == index.tolist()
 
+    @pytest.mark.parametrize("defer_keys", [False, True])
+    def test_writer_rows_are_merged_not_rebuilt(self, defer_keys, monkeypatch):
+        rb = make_buffer(10_000, defer_keys=defer_keys, refresh_fraction=0.5)
+        rb.extend(make_episodes([20] * 20))
+        rb.sample()
+        builds = []
+        build = HippoSampler._build_pool
+        monkeypatch.setattr(
+            HippoSampler, "_build_pool", lambda self, *a: builds.append(1) or build(self, *a)
+        )
+        for seed in range(6):
+            rb.extend(make_episodes([10], seed=seed))
+            rb.sample()
+        assert builds == []
+        pool = rb.sampler._pool
+        score, index = topk_similarity_reference(pool.queries, rb.storage.keys, 3)
+        torch.testing.assert_close(pool.score, score)
+        assert pool.index.tolist() == index.tolist()
+
     def test_many_small_writes_add_up_to_a_rebuild(self):
         # Default anchors must follow new high-return episodes even when each write is small.
         rb = make_buffer(10_000, mixture_ratio=1.0, top_k=4, batch_size=256)

@@ -362,6 +362,7 @@ class HippoSampler(Sampler):
 
     def _merge_dirty(self, storage: HippoStorage, pool: _Pool) -> bool:
         rows = torch.cat(self._dirty).unique()
+        rows = rows[rows >= 0]
         rows = rows[storage.row_slot[rows] >= 0]
         overwritten = torch.isin(pool.index, rows)
         score = pool.score.masked_fill(overwritten, -torch.inf)
@@ -527,8 +528,14 @@ class HippoSampler(Sampler):
     def mark_update(
         self, index: int | torch.Tensor, *, storage: HippoStorage | None = None
     ) -> None:
+        """Records rows written since the pool was built (merged in at the next draw).
+
+        Pass the ``storage`` the rows were written to (the :class:`~torchrl_hippo.HippoWriter`
+        does): the write is then known to be accounted for, and the cached pool is merged
+        rather than rebuilt. Negative indices (rows not written) are ignored.
+        """
         index = torch.as_tensor(index).reshape(-1)
-        self._dirty.append(index[index >= 0])
+        self._dirty.append(index)
         self._dirty_count += index.numel()
         if storage is not None:
             self._seen_revision = storage._mutation_revision

@@ -11,6 +11,7 @@ import torch
 from tensordict import NestedKey, TensorDict, TensorDictBase
 from torchrl.data.replay_buffers.writers import Writer
 
+from torchrl_hippo.data.sampler import HippoSampler
 from torchrl_hippo.data.storage import HIPPO_KEYS, HippoStorage
 
 __all__ = ["HippoWriter"]
@@ -374,7 +375,10 @@ class HippoWriter(Writer):
         storage.clock = clock + n
         self._write_count += n_write
         for ent in storage._attached_entities_iter():
-            ent.mark_update(rows)
+            if isinstance(ent, HippoSampler):  # it can then merge these rows into its pool
+                ent.mark_update(rows, storage=storage)
+            else:
+                ent.mark_update(rows)
 
         index = idx_seq
         if seq.order is not None:
