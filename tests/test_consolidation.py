@@ -22,7 +22,6 @@ from torchrl_hippo.data.storage import HIPPO_KEYS
 from torchrl_hippo.search import topk_similarity_reference
 
 OBS, WINDOW = 4, 4
-README_SECTION = Path(__file__).resolve().parents[1] / "docs" / "readme_consolidation.md"
 
 
 def filled(lengths=(10,) * 12, capacity=500, rewards=None, **kwargs):
@@ -526,18 +525,3 @@ def test_key_snapshot_errors(tmp_path):
         log_key_snapshot(CSVLogger("run", log_dir=str(tmp_path)), rb, 0)
     with pytest.raises(ValueError, match="at least 2 keys"):
         log_key_snapshot(TensorboardLogger("run", log_dir=str(tmp_path)), rb, 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# The README section
-# ---------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_readme_section_example_runs(tmp_path, monkeypatch, capsys):
-    blocks = re.findall(r"```python\n(.*?)```", README_SECTION.read_text(), flags=re.S)
-    assert blocks, f"{README_SECTION} has no python block"
-    monkeypatch.chdir(tmp_path)
-    namespace = {}
-    exec(compile(blocks[0], str(README_SECTION), "exec"), namespace)
-    namespace["logger"].experiment.close()
-    assert "nn_return_consistency" in capsys.readouterr().out
-    assert namespace["png"].exists()
