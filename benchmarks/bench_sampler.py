@@ -731,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
             res("writer_encode_overhead"),
         ),
         (
-            f"4b. extend({args.write_batch}) no-encode vs round-robin [rows/s]",
+            f"4b. extend({args.write_batch}) defer_keys vs round-robin [rows/s]",
             _fmt_rate(w["hippo_noencode"]["rows_per_s"]),
             _fmt_rate(w["roundrobin"]["rows_per_s"]),
             f"{w['noencode_ratio']:.3f}",
@@ -752,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows.append(
             (
-                f"5. size {size:>9,}: writer no-encode [us/row]",
+                f"5. size {size:>9,}: writer defer_keys [us/row]",
                 f"{f['writer_noencode_s_per_row'] * 1e6:.2f}",
                 f"{f['roundrobin_s_per_row'] * 1e6:.2f}",
                 f"{f['roundrobin_s_per_row'] / f['writer_noencode_s_per_row']:.3f}",
