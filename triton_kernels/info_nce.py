@@ -26,21 +26,32 @@ The loss of row ``i`` is ``logsumexp_{j not masked, and the queue} s[i, j] - sum
 (a cross-entropy against the soft target ``p``). ``reward_weight=0`` clusters windows by time,
 ``reward_weight=1`` by return.
 
-:func:`info_nce` is the differentiable entry point. It dispatches to the fused Triton kernel for
+:func:`info_nce` is the differentiable entry point. It dispatches to the fused Triton kernels for
 CUDA tensors when Triton is available, and to the reference elsewhere; both give the same loss and
-gradients.
+gradients. The fused forward (``triton_kernels/_info_nce_kernel.py``) streams the key tiles of each
+block of rows once, keeping an online log-sum-exp over the columns left in the softmax (and the
+queue) together with the row sums ``sum T``, ``sum R``, ``sum T s`` and ``sum R s``, so the
+normalised targets come out of the same pass. The backward recomputes the logits tile by tile: a
+row-parallel kernel for ``dq`` and a column-parallel one for ``dk``. Memory is ``O(B + M)``: four
+floats per row are saved for the backward, never a ``B x M`` matrix.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from triton_kernels._launch import can_launch, interpreted, next_power_of_2, require_launch
+
 __all__ = ["RowInfo", "info_nce", "info_nce_reference"]
 
 _REDUCTIONS = ("none", "mean", "sum")
+_BACKENDS = ("auto", "triton", "reference")
+# The fused kernels hold a whole row of q and k in registers.
+MAX_FUSED_DIM = 256
 
 
 class RowInfo(NamedTuple):
@@ -255,6 +266,26 @@ def info_nce_reference(
         q, k, temperature, q_info, k_info, positive_radius, reward_weight, return_bandwidth,
         mask_radius, queue, reduction,
     )
+    loss, has_positive = _reference_rows(
+        q, k, temperature, q_info, k_info, positive_radius, reward_weight, return_bandwidth,
+        mask_radius, queue,
+    )
+    return _reduce(loss, has_positive, reduction)
+
+
+def _reference_rows(
+    q: Tensor,
+    k: Tensor,
+    temperature: float,
+    q_info: RowInfo | None,
+    k_info: RowInfo | None,
+    positive_radius: int,
+    reward_weight: float,
+    return_bandwidth: float,
+    mask_radius: int,
+    queue: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss and has-positive mask of the reference, for checked inputs."""
     logits = q.float() @ k.float().T / temperature
     if q_info is None:
         p = torch.zeros_like(logits)
@@ -272,7 +303,209 @@ def info_nce_reference(
     has_positive = p.sum(1) > 0
     positive_term = (p * logits.masked_fill(masked, 0.0)).sum(1)
     loss = torch.where(has_positive, torch.logsumexp(denominator, dim=1) - positive_term, 0.0)
-    return _reduce(loss, has_positive, reduction)
+    return loss, has_positive
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch
+# --------------------------------------------------------------------------------------------------
+class _Launch(NamedTuple):
+    """Everything the three kernels share besides the tensors."""
+
+    kernels: ModuleType
+    scale: float
+    positive_radius: int
+    mask_radius: int
+    reward_weight: float
+    inv_bandwidth: float
+    has_info: bool
+    has_ret: bool
+    block_b: int
+    block_m: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    dot_precision: str
+    dot_upcast: bool
+
+    def constexprs(self) -> dict:
+        return {
+            "HAS_INFO": self.has_info,
+            "HAS_RET": self.has_ret,
+            "BLOCK_B": self.block_b,
+            "BLOCK_M": self.block_m,
+            "BLOCK_D": self.block_d,
+            "DOT_PRECISION": self.dot_precision,
+            "DOT_UPCAST": self.dot_upcast,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+        }
+
+
+def _block_sizes(dim: int, dtype: torch.dtype, small_blocks: bool) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_B, BLOCK_M, BLOCK_D, num_warps, num_stages)`` for a row size and dtype.
+
+    Chosen by compiling for sm_90 without a GPU (``wgmma``, shared memory within an H100's 227 KiB,
+    no register spills for 16-bit inputs; 3xTF32 fp32 products still spill a little in the
+    backward); they still need tuning on the device. ``small_blocks``
+    is for Triton's interpreter, where smaller tiles run faster and cover more tile edges.
+    """
+    block_d = max(16, next_power_of_2(dim))
+    if small_blocks:
+        return 16, 16, block_d, 4, 1
+    if dtype == torch.float32 or block_d > 128:
+        return 64, 32, block_d, 8, 2
+    return 64, 64, block_d, 8, 2
+
+
+class _FusedInfoNCE(torch.autograd.Function):
+    """Per-row InfoNCE loss with the fused kernels: returns ``(loss [B], has_positive [B])``."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        queue: Tensor | None,
+        q_info: tuple[Tensor, Tensor, Tensor | None] | None,
+        k_info: tuple[Tensor, Tensor, Tensor | None] | None,
+        launch: _Launch,
+    ) -> tuple[Tensor, Tensor]:
+        num_q, dim = q.shape
+        loss, lse, coef_t, coef_r = torch.empty(4, num_q, dtype=torch.float32, device=q.device)
+        q_ep, q_step, q_ret = q_info if q_info is not None else (q, q, q)
+        k_ep, k_step, k_ret = k_info if k_info is not None else (k, k, k)
+        neg = queue if queue is not None else k
+        launch.kernels.info_nce_fwd_kernel[(-(-num_q // launch.block_b),)](
+            q, k, neg,
+            q_ep, q_step, q if q_ret is None else q_ret,
+            k_ep, k_step, k if k_ret is None else k_ret,
+            loss, lse, coef_t, coef_r,
+            num_q, k.shape[0], 0 if queue is None else queue.shape[0], dim,
+            q.stride(0), k.stride(0), neg.stride(0),
+            launch.scale, launch.positive_radius, launch.mask_radius, launch.reward_weight,
+            launch.inv_bandwidth,
+            HAS_QUEUE=queue is not None,
+            **launch.constexprs(),
+        )
+        has_positive = (coef_t > 0) | (coef_r > 0)
+        ctx.mark_non_differentiable(has_positive)
+        ctx.save_for_backward(q, k, queue, lse, coef_t, coef_r, has_positive)
+        ctx.q_info, ctx.k_info, ctx.launch = q_info, k_info, launch
+        return loss, has_positive
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: Tensor, _grad_has_positive: Tensor | None):
+        q, k, queue, lse, coef_t, coef_r, has_positive = ctx.saved_tensors
+        launch: _Launch = ctx.launch
+        num_q, dim = q.shape
+        # Rows without a positive have a constant loss of 0.
+        grad = torch.where(has_positive, grad_loss.float(), 0.0).contiguous()
+        q_ep, q_step, q_ret = ctx.q_info if ctx.q_info is not None else (q, q, q)
+        k_ep, k_step, k_ret = ctx.k_info if ctx.k_info is not None else (k, k, k)
+        q_ret = q if q_ret is None else q_ret
+        k_ret = k if k_ret is None else k_ret
+        dq = dk = None
+        if ctx.needs_input_grad[0]:
+            dq = torch.empty_like(q)
+            neg = queue if queue is not None else k
+            launch.kernels.info_nce_bwd_dq_kernel[(-(-num_q // launch.block_b),)](
+                q, k, neg, q_ep, q_step, q_ret, k_ep, k_step, k_ret,
+                lse, coef_t, coef_r, grad, dq,
+                num_q, k.shape[0], 0 if queue is None else queue.shape[0], dim,
+                q.stride(0), k.stride(0), neg.stride(0), dq.stride(0),
+                launch.scale, launch.positive_radius, launch.mask_radius, launch.inv_bandwidth,
+                HAS_QUEUE=queue is not None,
+                **launch.constexprs(),
+            )
+        if ctx.needs_input_grad[1]:
+            dk = torch.empty_like(k)
+            launch.kernels.info_nce_bwd_dk_kernel[(-(-k.shape[0] // launch.block_m),)](
+                q, k, q_ep, q_step, q_ret, k_ep, k_step, k_ret,
+                lse, coef_t, coef_r, grad, dk,
+                num_q, k.shape[0], dim,
+                q.stride(0), k.stride(0), dk.stride(0),
+                launch.scale, launch.positive_radius, launch.mask_radius, launch.inv_bandwidth,
+                **launch.constexprs(),
+            )
+        return dq, dk, None, None, None, None
+
+
+def _info_tensors(
+    info: RowInfo | None, need_ret: bool
+) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    if info is None:
+        return None
+    ret = info.ret.float().contiguous() if need_ret else None
+    return info.episode.long().contiguous(), info.step.long().contiguous(), ret
+
+
+def _fused_rows(
+    q: Tensor,
+    k: Tensor,
+    temperature: float,
+    q_info: RowInfo | None,
+    k_info: RowInfo | None,
+    positive_radius: int,
+    reward_weight: float,
+    return_bandwidth: float,
+    mask_radius: int,
+    queue: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss and has-positive mask from the fused kernels, for checked inputs."""
+    kernels = require_launch(
+        "_info_nce_kernel", "info_nce_fwd_kernel", q.device, "info_nce(backend='triton')"
+    )
+    if q.shape[1] > MAX_FUSED_DIM:
+        raise ValueError(
+            f"the fused InfoNCE kernels hold whole rows in registers: D must be at most "
+            f"{MAX_FUSED_DIM}, got D={q.shape[1]}; use backend='reference'."
+        )
+    # One compute dtype for the products (tl.dot needs equal operand dtypes); autograd casts the
+    # gradients back to each input's dtype.
+    dtype = torch.promote_types(q.dtype, k.dtype)
+    if queue is not None:
+        dtype = torch.promote_types(dtype, queue.dtype)
+        queue = queue.detach().to(dtype).contiguous()
+    q = q.to(dtype).contiguous()
+    k = k.to(dtype).contiguous()
+    has_info = q_info is not None
+    has_ret = has_info and reward_weight > 0
+    interpreting = interpreted(kernels.info_nce_fwd_kernel)
+    block_b, block_m, block_d, num_warps, num_stages = _block_sizes(
+        q.shape[1], dtype, interpreting
+    )
+    launch = _Launch(
+        kernels=kernels,
+        scale=1.0 / float(temperature),
+        positive_radius=int(positive_radius) if has_info else 0,
+        mask_radius=int(mask_radius) if has_info else 0,
+        reward_weight=float(reward_weight),
+        inv_bandwidth=1.0 / float(return_bandwidth),
+        has_info=has_info,
+        has_ret=has_ret,
+        block_b=block_b,
+        block_m=block_m,
+        block_d=block_d,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        dot_precision="tf32x3" if dtype == torch.float32 else "tf32",
+        dot_upcast=interpreting and dtype == torch.bfloat16,
+    )
+    return _FusedInfoNCE.apply(
+        q, k, queue, _info_tensors(q_info, has_ret), _info_tensors(k_info, has_ret), launch
+    )
+
+
+def _resolve_backend(backend: str, q: Tensor) -> str:
+    if not isinstance(backend, str) or backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}.")
+    if backend != "auto":
+        return backend
+    usable = q.device.type == "cuda" and q.shape[1] <= MAX_FUSED_DIM
+    usable = usable and can_launch("_info_nce_kernel", "info_nce_fwd_kernel", q.device)
+    return "triton" if usable else "reference"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,11 +524,25 @@ def info_nce(
     mask_radius: int = 0,
     queue: Tensor | None = None,
     reduction: str = "mean",
+    backend: str = "auto",
 ) -> Tensor:
     """Multi-positive InfoNCE; takes the same arguments as :func:`info_nce_reference`.
 
-    On CUDA tensors with Triton available it runs the fused kernel (``O(B + M)`` memory); elsewhere
-    it runs :func:`info_nce_reference`.
+    With the fused Triton kernels the memory is ``O(B + M)``: the logits are recomputed tile by
+    tile in the backward pass instead of being stored. Both backends give the same loss and
+    gradients (up to fp32 rounding; fp16/bf16 products round like any tensor-core matmul).
+
+    Keyword Args:
+        backend (str): ``"auto"`` (the fused kernels for CUDA tensors when Triton is installed and
+            ``D <= 256``, the reference otherwise), ``"triton"`` (the fused kernels; on CPU tensors
+            only under Triton's interpreter, ``TRITON_INTERPRET=1``) or ``"reference"``.
+            Defaults to ``"auto"``.
+
+    See :func:`info_nce_reference` for the other arguments.
+
+    Raises:
+        TypeError, ValueError: on invalid arguments (see :func:`info_nce_reference`), an unknown
+            backend, or ``backend="triton"`` where the kernels cannot run.
 
     Examples:
         >>> import torch
@@ -308,9 +555,13 @@ def info_nce(
         >>> q.grad.shape, k.grad.shape
         (torch.Size([6, 8]), torch.Size([6, 8]))
     """
-    return info_nce_reference(
-        q, k, temperature=temperature, q_info=q_info, k_info=k_info,
-        positive_radius=positive_radius, reward_weight=reward_weight,
-        return_bandwidth=return_bandwidth, mask_radius=mask_radius, queue=queue,
-        reduction=reduction,
+    _check_inputs(
+        q, k, temperature, q_info, k_info, positive_radius, reward_weight, return_bandwidth,
+        mask_radius, queue, reduction,
     )
+    rows = _fused_rows if _resolve_backend(backend, q) == "triton" else _reference_rows
+    loss, has_positive = rows(
+        q, k, temperature, q_info, k_info, positive_radius, reward_weight, return_bandwidth,
+        mask_radius, queue,
+    )
+    return _reduce(loss, has_positive, reduction)
