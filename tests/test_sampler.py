@@ -376,3 +376,33 @@ def test_pickling_round_trip():
     clone = pickle.loads(pickle.dumps(rb))
     assert len(clone) == len(rb)
     assert isinstance(clone.sample(), TensorDict)
+
+
+class TestApproximateRetrieval:
+    def test_index_follows_writes_incrementally_and_matches_exact_retrieval(self, monkeypatch):
+        pytest.importorskip("faiss")
+        rb = make_buffer(2000, approx=True, refresh_fraction=0.5, top_k=3)
+        rb.extend(make_episodes([50] * 10))
+        rb.sample()
+        index = rb.sampler._index
+        assert len(index) == 500
+        rb.extend(make_episodes([40], seed=4))
+        rb.sample()
+        assert rb.sampler._index is index and len(index) == 540  # updated, not rebuilt
+        queries = rb.sampler._pool.queries
+        _, rows = topk_similarity_reference(queries, rb.storage.keys, 3)
+        # Below the IVF threshold the index answers exactly.
+        assert rb.sampler._pool.index.tolist() == rows.tolist()
+        rb.storage.bump_key_revision()  # keys changed in place: the mirror is rebuilt
+        rb.sample()
+        assert rb.sampler._index is not index and len(rb.sampler._index) == 540
+
+    def test_approx_without_faiss_is_a_clear_error(self, monkeypatch):
+        import torchrl_hippo.data.sampler as sampler_module
+
+        def missing(what):
+            raise ImportError(f"{what} needs faiss")
+
+        monkeypatch.setattr(sampler_module, "_require_faiss", missing)
+        with pytest.raises(ImportError, match="approx=True"):
+            HippoSampler(approx=True)

@@ -11,7 +11,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data.replay_buffers.samplers import Sampler
 
 from torchrl_hippo.data.storage import HIPPO_KEYS, HippoStorage
-from torchrl_hippo.search import topk_similarity
+from torchrl_hippo.search import FaissKeyIndex, _require_faiss, topk_similarity
 
 __all__ = ["HippoSampler"]
 
@@ -112,6 +112,11 @@ class HippoSampler(Sampler):
         refresh_fraction (float, optional): share of the memory written after which the pool is
             rebuilt from scratch. Defaults to ``0.05``.
         search_backend (str, optional): backend of the top-k search. Defaults to ``"auto"``.
+        approx (bool, optional): approximate retrieval through a
+            :class:`~torchrl_hippo.search.FaissKeyIndex` (FAISS IVF, needs faiss) that mirrors
+            the stored keys. It is updated incrementally with the rows written since the last
+            draw, and re-synced in full only when keys change in place (consolidation,
+            eviction, loading). Defaults to ``False`` (exact search).
         track_access (bool, optional): count each sampled row's episode access in the episode
             table (used by importance forgetting). Defaults to ``True``.
         score_uniform (bool, optional): also score uniform items against the queries (their
@@ -167,6 +172,7 @@ class HippoSampler(Sampler):
         search_backend: str = "auto",
         track_access: bool = True,
         score_uniform: bool = False,
+        approx: bool = False,
     ) -> None:
         self.mixture_ratio = mixture_ratio
         self.top_k = top_k
@@ -192,12 +198,17 @@ class HippoSampler(Sampler):
         self.search_backend = search_backend
         self.track_access = bool(track_access)
         self.score_uniform = bool(score_uniform)
+        self.approx = bool(approx)
+        if self.approx:
+            _require_faiss("HippoSampler(approx=True)")  # a clear error now, not at sampling
         self._query: torch.Tensor | TensorDictBase | None = None
         self._query_version = 0
         self._reset_state()
 
     def _reset_state(self) -> None:
         self._pool: _Pool | None = None
+        self._index: FaissKeyIndex | None = None
+        self._index_revision: int | None = None
         self._dirty: list[torch.Tensor] = []
         self._dirty_count = 0
         self._seen_revision: int | None = None
@@ -342,6 +353,7 @@ class HippoSampler(Sampler):
             or self._dirty_count > self.refresh_fraction * n_valid
         )
         if not stale and self._dirty:
+            self._sync_index(storage)
             stale = not self._merge_dirty(storage, pool)
         if stale:
             pool = self._build_pool(storage, key)
@@ -351,11 +363,45 @@ class HippoSampler(Sampler):
         self._seen_revision = storage._mutation_revision
         return pool
 
+    def _sync_index(self, storage: HippoStorage) -> FaissKeyIndex | None:
+        """Brings the approximate index up to date with the stored keys (``approx=True``)."""
+        if not self.approx:
+            return None
+        index = self._index
+        if (
+            index is None
+            or self._index_revision != storage.key_revision
+            or index.capacity != storage.max_size
+        ):
+            # Keys changed in place: mirror every stored row again.
+            index = FaissKeyIndex(storage.embed_dim, storage.max_size)
+            rows = storage.valid_mask().nonzero().squeeze(1)
+            index.update(rows, storage.keys[rows])
+            self._index, self._index_revision = index, storage.key_revision
+        elif self._dirty:
+            rows = torch.cat(self._dirty).unique()
+            rows = rows[rows >= 0]
+            rows = rows[storage.row_slot[rows] >= 0]
+            index.update(rows, storage.keys[rows])
+        return index
+
     def _build_pool(self, storage: HippoStorage, key: tuple[int, int]) -> _Pool:
         queries = self._resolve_queries(storage)
-        valid = storage.valid_mask() if storage.num_free_rows else None
+        index = self._sync_index(storage)
+        if index is None:
+            keys = storage.keys
+            valid = storage.valid_mask() if storage.num_free_rows else None
+        else:  # the index mirrors every row of the storage, written or not
+            keys = storage._storage.get(HIPPO_KEYS["key"])
+            valid = storage.row_slot >= 0
         score, index = topk_similarity(
-            queries, storage.keys, self.top_k, valid=valid, backend=self.search_backend
+            queries,
+            keys,
+            self.top_k,
+            valid=valid,
+            backend=self.search_backend,
+            index=index,
+            approx=index is not None,
         )
         self._pool = _Pool(queries, score, index, self.temperature, key, storage.max_size)
         return self._pool
