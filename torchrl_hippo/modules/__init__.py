@@ -1,5 +1,15 @@
 """Neural network and TensorDict modules of torchrl_hippo."""
 
+from torchrl_hippo.modules.builders import HierarchicalActorCritic, make_hierarchical_actor_critic
+from torchrl_hippo.modules.compression import BufferVAE
 from torchrl_hippo.modules.encoder import DualEncoder
+from torchrl_hippo.modules.hierarchical import HierarchicalMemory, MemoryELBOLoss
 
-__all__ = ["DualEncoder"]
+__all__ = [
+    "BufferVAE",
+    "DualEncoder",
+    "HierarchicalActorCritic",
+    "HierarchicalMemory",
+    "MemoryELBOLoss",
+    "make_hierarchical_actor_critic",
+]
