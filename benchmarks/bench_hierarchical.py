@@ -11,9 +11,11 @@ own memory, for the critic:
 
 Each (agent, phase) is measured in a fresh Python process, so its peak memory is its own:
 
-- **inference**: the actor alone (no critic) collecting ``--inference-frames`` frames with
-  TorchRL's ``Collector`` (env transforms from ``get_env_transforms_from_module(actor)``);
-  plus the actor's forward alone on a ``[num_envs]`` step (no env), as steps/s.
+- **inference**: the actor alone (no critic, no gradient) acting in the env for
+  ``--inference-frames`` frames, step after step (``actor``, then
+  ``env.step_and_maybe_reset``), keeping no trajectory, as a deployed policy does (env
+  transforms from ``get_env_transforms_from_module(actor)``); plus the actor's forward alone on
+  a ``[num_envs]`` step (no env), as steps/s.
 - **training**: ``--train-iters`` PPO iterations: collect ``num_envs x (delay + 1)`` frames
   with actor + critic, GAE (``shifted=True``), ``--epochs`` x ``--minibatches`` updates of
   ``ClipPPOLoss`` (+ ``MemoryELBOLoss`` for hmem) on ``[envs, T]`` chunks, Adam.
@@ -32,7 +34,7 @@ table. Targets (from the issue): training peak < 2 GB, inference peak < 200 MB.
 
 Commands (from the repository root)::
 
-    python3 benchmarks/bench_hierarchical.py           # ~3 minutes on a 2-core CPU
+    python3 benchmarks/bench_hierarchical.py           # under a minute on a 2-core CPU
     python3 benchmarks/bench_hierarchical.py --quick   # smoke run, writes ..._quick.json
 """
 
@@ -149,41 +151,33 @@ def _build(agent: str, args: argparse.Namespace):
 
 
 def run_inference(agent: str, args: argparse.Namespace) -> dict:
-    from torchrl.collectors import Collector
     from torchrl.envs import TransformedEnv
     from torchrl.modules.utils import get_env_transforms_from_module, get_primers_from_module
 
     base, modules = _build(agent, args)
     actor = modules["actor"]
     env = TransformedEnv(base, get_env_transforms_from_module(actor))
-    frames_per_batch = args.num_envs * (args.delay + 1)
-    batches = max(1, args.inference_frames // frames_per_batch)
-    collector = Collector(
-        env, actor, frames_per_batch=frames_per_batch, total_frames=(batches + 1) * frames_per_batch
-    )
-    iterator = iter(collector)
-    next(iterator)  # warm-up
+    steps_per_block = args.delay + 1  # one episode per env
+    blocks = max(1, args.inference_frames // (args.num_envs * steps_per_block))
     times = []
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-        now = time.perf_counter()
-        times.append(now - start)
-        start = now
-    collector.shutdown()
-
-    step = env.reset()
     with torch.no_grad():
-        for _ in range(5):
-            actor(step.clone())
+        td = env.reset()
+        for block in range(blocks + 1):  # the first block is a warm-up
+            start = time.perf_counter()
+            for _ in range(steps_per_block):
+                td = actor(td)
+                _, td = env.step_and_maybe_reset(td)  # acts, keeps no trajectory
+            if block:
+                times.append(time.perf_counter() - start)
+        step = env.reset()
         calls = 100
         start = time.perf_counter()
         for _ in range(calls):
             actor(step.clone())
         policy_time = (time.perf_counter() - start) / calls
     return {
-        "frames": batches * frames_per_batch,
-        "frames_per_s": frames_per_batch / statistics.median(times),
+        "frames": blocks * steps_per_block * args.num_envs,
+        "frames_per_s": steps_per_block * args.num_envs / statistics.median(times),
         "actor_forward_steps_per_s": args.num_envs / policy_time,
         "actor_forward_ms": policy_time * 1e3,
         "actor_parameters": sum(p.numel() for p in actor.parameters()),

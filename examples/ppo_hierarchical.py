@@ -141,11 +141,12 @@ def train(args: argparse.Namespace) -> list[dict[str, float]]:
     env = TransformedEnv(base, modules["transforms"])
     steps_per_batch = args.steps_per_batch or args.delay + 1
     frames_per_batch = args.num_envs * steps_per_batch
+    total_frames = -(-args.frames // frames_per_batch) * frames_per_batch  # whole batches
     collector = Collector(
         env,
         modules["policy"],
         frames_per_batch=frames_per_batch,
-        total_frames=args.frames,
+        total_frames=total_frames,
     )
     loss_module = ClipPPOLoss(
         modules["actor"],
@@ -174,7 +175,7 @@ def train(args: argparse.Namespace) -> list[dict[str, float]]:
     records: list[dict[str, float]] = []
     frames = 0
     start = time.perf_counter()
-    bar = tqdm(total=args.frames, disable=args.no_progress, desc=args.agent)
+    bar = tqdm(total=total_frames, disable=args.no_progress, desc=args.agent)
     for data in collector:  # [num_envs, steps_per_batch]
         if args.anneal_lr:
             for group in optimizer.param_groups:
