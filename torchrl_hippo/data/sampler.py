@@ -210,6 +210,7 @@ class HippoSampler(Sampler):
         self._index: FaissKeyIndex | None = None
         self._index_revision: int | None = None
         self._dirty: list[torch.Tensor] = []
+        self._dirty_cache: torch.Tensor | None = None
         self._dirty_count = 0
         self._seen_revision: int | None = None
         self._priority: torch.Tensor | None = None
@@ -360,6 +361,7 @@ class HippoSampler(Sampler):
             # Counts rows written since the last *build*: merges do not reset it.
             self._dirty_count = 0
         self._dirty.clear()
+        self._dirty_cache = None
         self._seen_revision = storage._mutation_revision
         return pool
 
@@ -379,9 +381,7 @@ class HippoSampler(Sampler):
             index.update(rows, storage.keys[rows])
             self._index, self._index_revision = index, storage.key_revision
         elif self._dirty:
-            rows = torch.cat(self._dirty).unique()
-            rows = rows[rows >= 0]
-            rows = rows[storage.row_slot[rows] >= 0]
+            rows = self._dirty_rows(storage)
             index.update(rows, storage.keys[rows])
         return index
 
@@ -406,10 +406,16 @@ class HippoSampler(Sampler):
         self._pool = _Pool(queries, score, index, self.temperature, key, storage.max_size)
         return self._pool
 
+    def _dirty_rows(self, storage: HippoStorage) -> torch.Tensor:
+        """The stored rows written since the last draw (once per draw, however often asked)."""
+        if self._dirty_cache is None:
+            rows = torch.cat(self._dirty).unique()
+            rows = rows[rows >= 0]
+            self._dirty_cache = rows[storage.row_slot[rows] >= 0]
+        return self._dirty_cache
+
     def _merge_dirty(self, storage: HippoStorage, pool: _Pool) -> bool:
-        rows = torch.cat(self._dirty).unique()
-        rows = rows[rows >= 0]
-        rows = rows[storage.row_slot[rows] >= 0]
+        rows = self._dirty_rows(storage)
         overwritten = torch.isin(pool.index, rows)
         score = pool.score.masked_fill(overwritten, -torch.inf)
         new_score = pool.queries @ storage.keys[rows].float().T
@@ -582,6 +588,7 @@ class HippoSampler(Sampler):
         """
         index = torch.as_tensor(index).reshape(-1)
         self._dirty.append(index)
+        self._dirty_cache = None
         self._dirty_count += index.numel()
         if storage is not None:
             self._seen_revision = storage._mutation_revision
