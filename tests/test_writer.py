@@ -386,6 +386,94 @@ def test_writer_state_round_trip_keeps_stitching(tmp_path):
         torch.testing.assert_close(a["hippo", "key"], b["hippo", "key"])
 
 
+class TestSegmenterHook:
+    """``segmenter=`` cuts episodes exactly as done flags at the same rows would."""
+
+    @staticmethod
+    def every(length):
+        return lambda data, step, stream: step % length == 0
+
+    @staticmethod
+    def with_cuts(data, length):
+        """``data`` with done flags (and is_init) added where a cut every ``length`` steps falls."""
+        data = data.clone()
+        done, init = data["next", "done"].squeeze(-1), data["is_init"].squeeze(-1)
+        step = torch.zeros_like(done, dtype=torch.int64)
+        for i in range(1, done.shape[0]):
+            step[i] = 0 if done[i - 1] else step[i - 1] + 1
+        cut = (step % length == 0) & (step > 0)
+        done[:-1] |= cut[1:]
+        init |= cut
+        return data
+
+    @pytest.mark.parametrize("defer_keys", [False, True])
+    @pytest.mark.parametrize("chunks", [[23], [5, 9, 9], [1] * 23])
+    def test_matches_done_flags(self, chunks, defer_keys):
+        data = make_episodes([11, 3, 9], seed=3)
+        rb = make_buffer(50, defer_keys=defer_keys)
+        rb.writer.segmenter = self.every(4)
+        ref = make_buffer(50, defer_keys=defer_keys)
+        ref.writer.encoder.load_state_dict(rb.writer.encoder.state_dict())
+        cut = self.with_cuts(data, 4)
+        start = 0
+        for size in chunks:
+            rb.extend(data[start : start + size])
+            ref.extend(cut[start : start + size])
+            start += size
+        for buffer in (rb, ref):
+            buffer.storage.encode_pending()
+        got, want = stored(rb)["hippo"], stored(ref)["hippo"]
+        assert got["step"].max() == 3
+        for name in ("episode", "step", "return", "prev", "key"):
+            torch.testing.assert_close(got[name], want[name])
+        live = rb.storage.episodes["rows"] > 0
+        assert rb.storage.episodes["length"][live].tolist() == [4, 4, 3, 3, 4, 4, 1]
+
+    def test_streams_of_an_env_time_batch(self):
+        rb = make_buffer(50)
+        seen = {}
+
+        def segmenter(data, step, stream):
+            seen["stream"], seen["step"] = stream.clone(), step.clone()
+            return step == 2
+
+        rb.writer.segmenter = segmenter
+        batch = make_episodes([8]).reshape(2, 4)  # two envs, four steps, no done
+        batch["next", "done"][:] = False
+        batch["is_init"][:, 0] = True
+        rb.extend(batch)
+        assert seen["stream"].tolist() == [0] * 4 + [1] * 4
+        assert seen["step"].tolist() == [0, 1, 2, 3] * 2
+        assert stored(rb)["hippo", "step"].tolist() == [0, 1, 0, 1] * 2
+        assert stored(rb)["hippo", "episode"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+    @pytest.mark.parametrize(
+        "bad, error, match",
+        [
+            (lambda d, s, k: s.numpy(), TypeError, "bool tensor"),
+            (lambda d, s, k: s == 1, None, None),
+            (lambda d, s, k: torch.zeros(3, dtype=torch.bool), ValueError, "one flag per"),
+            (lambda d, s, k: (s == 1).float(), TypeError, "bool tensor"),
+        ],
+    )
+    def test_bad_output_is_rejected_before_writing(self, bad, error, match):
+        rb = make_buffer(20)
+        rb.extend(make_episodes([3]))
+        before = stored(rb).clone()
+        rb.writer.segmenter = bad
+        if error is None:
+            rb.extend(make_episodes([4]))
+            return
+        with pytest.raises(error, match=match):
+            rb.extend(make_episodes([4]))
+        assert len(rb.storage) == 3
+        torch.testing.assert_close(stored(rb), before)
+
+    def test_not_callable(self):
+        with pytest.raises(TypeError, match="segmenter must be callable"):
+            HippoWriter(make_buffer().writer.encoder, segmenter=3)
+
+
 def test_storage_window_gather_recomputes_stored_keys():
     rb = make_buffer(30)
     data = make_episodes([5, 12, 3, 9])

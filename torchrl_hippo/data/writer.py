@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,14 @@ class HippoWriter(Writer):
             which the sampler calls before any retrieval. This keeps the collection loop's
             write cheap and batches the encoder's work. Defaults to ``False`` (keys are
             computed during ``extend``).
+        segmenter (callable, optional): cuts episodes further, besides the done flags,
+            ``is_init`` and trajectory ids (see :mod:`torchrl_hippo.data.segmenters`). It is
+            called as ``segmenter(data, step, stream)`` with the batch flat in sequence order
+            (each stream's rows contiguous, in time order), every row's step within its
+            episode as the default segmentation counts it (an episode continued from an
+            earlier batch counts on from its stored rows) and every row's stream id; it returns
+            a bool ``[n]``, ``True`` where a new episode starts. Defaults to ``None`` (the
+            default segmentation only).
 
     Examples:
         >>> import torch
@@ -130,6 +138,8 @@ class HippoWriter(Writer):
         is_init_key: NestedKey = "is_init",
         max_open_episodes: int = 4096,
         defer_keys: bool = False,
+        segmenter: Callable[[TensorDictBase, torch.Tensor, torch.Tensor], torch.Tensor]
+        | None = None,
     ) -> None:
         super().__init__()
         for attr in ("encode", "window", "embed_dim", "in_keys", "version"):
@@ -154,6 +164,11 @@ class HippoWriter(Writer):
             raise ValueError(f"encode_chunk must be >= 1, got {encode_chunk}.")
         if max_open_episodes < 1:
             raise ValueError(f"max_open_episodes must be >= 1, got {max_open_episodes}.")
+        if segmenter is not None and not callable(segmenter):
+            raise TypeError(
+                f"segmenter must be callable (data, step, stream) -> starts, got "
+                f"{type(segmenter).__name__}."
+            )
         self.encoder = encoder
         self.forgetting = forgetting
         self.eviction_weights = {k: float(weights.get(k, 0.0)) for k in _DEFAULT_EVICTION_WEIGHTS}
@@ -164,6 +179,7 @@ class HippoWriter(Writer):
         self.is_init_key = is_init_key
         self.max_open_episodes = int(max_open_episodes)
         self.defer_keys = bool(defer_keys)
+        self.segmenter = segmenter
         self._cursor = 0
         self._write_count = 0
         self._open: TensorDict | None = None
@@ -228,6 +244,8 @@ class HippoWriter(Writer):
         self._ensure_open(flat, window, dev)
         open_ = self._open
         stitch = seq.match(open_.get("key"))
+        if self.segmenter is not None:
+            seq, stitch = self._apply_segmenter(flat, seq, stitch, entries, shape, dev)
         first, last = seq.first, seq.last
 
         # Per segment: where its episode stood before this batch (None: nowhere, all fresh).
@@ -369,8 +387,17 @@ class HippoWriter(Writer):
         self._recycle_slots(storage, maybe_free)
 
         self._update_open(
-            seq, stitch, seg_ep, seg_slot, seg_length, seg_return, idx_seq, win_idx, win_mask,
-            pools, storage,
+            seq,
+            stitch,
+            seg_ep,
+            seg_slot,
+            seg_length,
+            seg_return,
+            idx_seq,
+            win_idx,
+            win_mask,
+            pools,
+            storage,
         )
         storage.clock = clock + n
         self._write_count += n_write
@@ -456,11 +483,48 @@ class HippoWriter(Writer):
         }
         return flat, shape, entries
 
+    def _apply_segmenter(
+        self,
+        flat: TensorDictBase,
+        seq: _Segments,
+        stitch: _Stitch,
+        entries: dict,
+        shape: torch.Size,
+        device: torch.device,
+    ) -> tuple[_Segments, _Stitch]:
+        """Asks :attr:`segmenter` for further episode starts; re-segments if it gives any."""
+        n = seq.n
+        base_step = stitch.per_segment(self._open.get("step"), 0)
+        origin = seq.first if base_step is None else seq.first - base_step
+        step = _arange(n, device) - seq.per_row(origin)
+        if seq.key is None:
+            stream = torch.zeros(n, dtype=torch.int64, device=device)
+        else:
+            stream = seq.per_row(seq.key)
+        starts = self.segmenter(flat, step, stream)
+        if not isinstance(starts, torch.Tensor) or starts.dtype != torch.bool:
+            raise TypeError(
+                f"segmenter must return a bool tensor of episode starts, got "
+                f"{starts.dtype if isinstance(starts, torch.Tensor) else type(starts).__name__}."
+            )
+        if starts.numel() != n:
+            raise ValueError(
+                f"segmenter must return one flag per transition ({n}), got shape "
+                f"{list(starts.shape)}."
+            )
+        extra = starts.reshape(n).to(device) & (step != 0)
+        if not bool(extra.any()):
+            return seq, stitch
+        seq = _Segments(entries, shape, device, extra_starts=extra)
+        return seq, seq.match(self._open.get("key"))
+
     def _ensure_open(self, flat: TensorDictBase, window: int, device: torch.device) -> None:
         if self._open is not None:
             return
         entries = {
-            name: torch.zeros(0, dtype=torch.float64 if name == "ret" else torch.int64, device=device)
+            name: torch.zeros(
+                0, dtype=torch.float64 if name == "ret" else torch.int64, device=device
+            )
             for name in ("key", "episode", "slot", "step", "ret", "last_row")
         }
         if not self.defer_keys:
@@ -567,7 +631,9 @@ class HippoWriter(Writer):
         first write), in which case :meth:`_write_rows` would write them the same way.
         """
         store = storage._storage
-        if not (storage.initialized and type(store) is TensorDict and storage._storage_keys is None):
+        if not (
+            storage.initialized and type(store) is TensorDict and storage._storage_keys is None
+        ):
             return {}
         hippo = store.get("hippo", None)
         if type(hippo) is not TensorDict:
@@ -753,7 +819,9 @@ class HippoWriter(Writer):
             keep = torch.ones(size, dtype=torch.bool, device=open_.device)
             keep[stitch.ended] = False
             keep = keep.nonzero().squeeze(1)
-            merged = {name: torch.cat([open_.get(name)[keep], value]) for name, value in new.items()}
+            merged = {
+                name: torch.cat([open_.get(name)[keep], value]) for name, value in new.items()
+            }
         size = merged["key"].shape[0]
         excess = size - self.max_open_episodes
         if excess > 0:
@@ -777,11 +845,24 @@ class HippoWriter(Writer):
             "cursor": self._cursor,
             "write_count": self._write_count,
             "open": None if self._open is None else self._open.state_dict(),
+            "segmenter": self._segmenter_state(),
         }
+
+    def _segmenter_state(self) -> dict[str, Any] | None:
+        state_dict = getattr(self.segmenter, "state_dict", None)
+        return state_dict() if callable(state_dict) else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._cursor = int(state_dict["cursor"])
         self._write_count = int(state_dict["write_count"])
+        segmenter_state = state_dict.get("segmenter")
+        if segmenter_state is not None:
+            if not callable(getattr(self.segmenter, "load_state_dict", None)):
+                raise ValueError(
+                    "state_dict holds a segmenter's state, but this writer's segmenter "
+                    f"({type(self.segmenter).__name__}) has no load_state_dict."
+                )
+            self.segmenter.load_state_dict(segmenter_state)
         open_state = state_dict["open"]
         if open_state is None:
             self._open = None
@@ -819,10 +900,17 @@ class _Segments:
     per-segment values over the rows. A stream is told apart by its trajectory id, else by
     its environment in an ``[env, time]`` batch; a flat batch without trajectory ids is one
     stream (``key is None``): only its first segment can continue an open episode (that of
-    key 0), only its last one can stay open.
+    key 0), only its last one can stay open. ``extra_starts`` (sequence order) are further
+    episode starts, treated like ``is_init``.
     """
 
-    def __init__(self, entries: dict, shape: torch.Size, device: torch.device) -> None:
+    def __init__(
+        self,
+        entries: dict,
+        shape: torch.Size,
+        device: torch.device,
+        extra_starts: torch.Tensor | None = None,
+    ) -> None:
         n = shape.numel()
         self.n = n
 
@@ -839,6 +927,8 @@ class _Segments:
                 None if t is None else t.index_select(0, self.order)
                 for t in (done, is_init, reward, key)
             )
+        if extra_starts is not None:  # further starts (sequence order), treated as is_init
+            is_init = extra_starts if is_init is None else is_init | extra_starts
         # bound[i]: a segment starts at row i (row 0, after a done, at an is_init, where the
         # stream changes); bound[n] closes the last one.
         true = _constants(device).true
