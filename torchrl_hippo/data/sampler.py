@@ -431,6 +431,12 @@ class HippoSampler(Sampler):
     def sample(self, storage: HippoStorage, batch_size: int) -> tuple[torch.Tensor, dict]:
         if not isinstance(storage, HippoStorage):
             raise TypeError(f"HippoSampler samples a HippoStorage, got {type(storage).__name__}.")
+        if storage.is_shared:  # no writer in another process changes the memory meanwhile
+            with storage.lock:
+                return self._sample(storage, batch_size)
+        return self._sample(storage, batch_size)
+
+    def _sample(self, storage: HippoStorage, batch_size: int) -> tuple[torch.Tensor, dict]:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         n_rows = len(storage) if storage.initialized else 0
@@ -635,9 +641,49 @@ class HippoSampler(Sampler):
     def _empty(self) -> None:
         self._reset_state()
 
-    def state_dict(self) -> dict[str, Any]:
-        query = self._query
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild a sampler like this one (without its state).
+
+        Examples:
+            >>> from torchrl_hippo import HippoSampler
+            >>> config = HippoSampler(mixture_ratio=0.3, top_k=8).config
+            >>> config["mixture_ratio"], config["top_k"], config["temperature"]
+            (0.3, 8, 0.07)
+            >>> HippoSampler(**config).config == config
+            True
+        """
         return {
+            "mixture_ratio": self.mixture_ratio,
+            "top_k": self.top_k,
+            "temperature": self.temperature,
+            "num_anchors": self.num_anchors,
+            "anchor_temperature": self.anchor_temperature,
+            "beta": self.beta,
+            "priority_alpha": self.priority_alpha,
+            "priority_eps": self.priority_eps,
+            "refresh_fraction": self.refresh_fraction,
+            "search_backend": self.search_backend,
+            "track_access": self.track_access,
+            "score_uniform": self.score_uniform,
+            "approx": self.approx,
+        }
+
+    def state_dict(self, *, storage: HippoStorage | None = None) -> dict[str, Any]:
+        """The sampler's state: hyper-parameters, queries, priorities and pass count.
+
+        Keyword Args:
+            storage (HippoStorage, optional): the storage this sampler draws from. When given,
+                the state also holds the cached retrieval pool (queries, top-k scores and rows)
+                and the rows written since the last draw, provided the pool is still current
+                for that storage, so that :meth:`load_state_dict` with the storage loaded from
+                the same checkpoint continues drawing exactly where this sampler is. The
+                approximate (FAISS) index is never saved: it is rebuilt from the keys.
+                Defaults to ``None`` (the pool is rebuilt after loading, redrawing default
+                anchors).
+        """
+        query = self._query
+        state = {
             "mixture_ratio": self.mixture_ratio,
             "top_k": self.top_k,
             "temperature": self.temperature,
@@ -649,14 +695,43 @@ class HippoSampler(Sampler):
             "batches": self._batches,
             "ran_out": self._ran_out,
         }
+        if storage is not None:
+            pool = self._pool
+            current = (
+                pool is not None
+                and pool.key == (self._query_version, storage.key_revision)
+                and self._seen_revision == storage._mutation_revision
+            )
+            state["pool"] = (
+                {"queries": pool.queries, "score": pool.score, "index": pool.index}
+                if current
+                else None
+            )
+            state["dirty"] = torch.cat(self._dirty) if current and self._dirty else None
+            state["dirty_count"] = self._dirty_count if current else 0
+        return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(
+        self, state_dict: dict[str, Any], *, storage: HippoStorage | None = None
+    ) -> None:
+        """Restores a state made by :meth:`state_dict`.
+
+        Keyword Args:
+            storage (HippoStorage, optional): the storage this sampler draws from, already
+                loaded from the same checkpoint as ``state_dict``. When given, and the state
+                holds a retrieval pool (``state_dict(storage=...)``), the pool is restored, so
+                that the next draws are exactly those the saved sampler would have made.
+                Defaults to ``None`` (the pool is rebuilt at the next draw).
+        """
         self.mixture_ratio = state_dict["mixture_ratio"]
         self.top_k = int(state_dict["top_k"])
         self.temperature = state_dict["temperature"]
         query = state_dict["query"]
-        if state_dict.get("query_td") is not None:
-            query = TensorDict().load_state_dict(state_dict["query_td"], strict=False).clone()
+        query_td = state_dict.get("query_td")
+        if query_td is not None:
+            # The device is in the state dict's metadata; an empty TensorDict would drop it.
+            device = getattr(query_td, "_metadata", {}).get("", {}).get("device")
+            query = TensorDict(device=device).load_state_dict(query_td, strict=False).clone()
         self._reset_state()
         self._query = query
         self._query_version = int(state_dict["query_version"])
@@ -665,6 +740,29 @@ class HippoSampler(Sampler):
         self._max_priority = float(state_dict["max_priority"])
         self._batches = int(state_dict["batches"])
         self._ran_out = bool(state_dict["ran_out"])
+        pool = state_dict.get("pool")
+        if storage is None or pool is None:
+            return
+        index, score, queries = pool["index"], pool["score"], pool["queries"]
+        if (
+            index.shape != score.shape
+            or index.shape != (queries.shape[0], self.top_k)
+            or (index.numel() and not 0 <= int(index.min()) <= int(index.max()) < len(storage))
+        ):
+            raise ValueError(
+                f"state_dict's retrieval pool (rows {list(index.shape)}, scores "
+                f"{list(score.shape)}, {queries.shape[0]} queries, top_k={self.top_k}) does not "
+                f"fit this sampler and a storage of {len(storage)} rows."
+            )
+        dev = storage.table_device
+        key = (self._query_version, storage.key_revision)
+        self._pool = _Pool(
+            queries.to(dev), score.to(dev), index.to(dev), self.temperature, key, storage.max_size
+        )
+        dirty = state_dict.get("dirty")
+        self._dirty = [] if dirty is None else [dirty.to(dev)]
+        self._dirty_count = int(state_dict.get("dirty_count", 0))
+        self._seen_revision = storage._mutation_revision
 
     def dumps(self, path: str | Path) -> None:
         path = Path(path)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+from collections.abc import Callable
+from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,37 @@ _TABLE_FIELDS: dict[str, torch.dtype] = {
     "done": torch.bool,  # the episode has ended (or was abandoned)
 }
 _MIN_TABLE = 256
+
+#: The bookkeeping integers, held in one int64 tensor so that processes sharing the storage
+#: (see :meth:`HippoStorage.share_memory_`) see the same values. Positions in that tensor.
+_COUNTERS = (
+    "num_free_slots",
+    "num_free_rows",
+    "next_episode_id",
+    "clock",
+    "key_revision",
+    "num_pending",
+    "writer_cursor",
+    "write_count",
+    "open_generation",
+    "open_count",
+)
+_C = {name: i for i, name in enumerate(_COUNTERS)}
+
+
+class _Counter:
+    """An int attribute stored at one position of the storage's counter tensor."""
+
+    def __init__(self, name: str) -> None:
+        self.index = _C[name]
+
+    def __get__(self, obj: Any, objtype: Any = None) -> int:
+        if obj is None:
+            return self
+        return int(obj._cv[self.index])
+
+    def __set__(self, obj: Any, value: int) -> None:
+        obj._cv[self.index] = value
 
 
 class HippoStorage(LazyTensorStorage):
@@ -115,20 +149,42 @@ class HippoStorage(LazyTensorStorage):
         #: The encoder of the writer attached to this storage (set by HippoWriter), used to
         #: encode query windows. Not part of the storage's state.
         self.encoder = None
+        self._counters = torch.zeros(len(_COUNTERS), dtype=torch.int64)
+        self._cv = self._counters.numpy()
+        #: Set by a HippoWriter: how many open episodes it keeps, and how to make an empty
+        #: open-episode table (used to lay out the shared copy, see share_memory_).
+        self._open_capacity = 4096
+        self._open_factory: Callable[[], TensorDict] | None = None
+        self._open: TensorDict | None = None
+        self._open_seen = 0
+        self._open_mirror: TensorDict | None = None
+        self._lock = None
         self._reset_bookkeeping()
 
     # ------------------------------------------------------------------ bookkeeping
+    _num_free_slots = _Counter("num_free_slots")
+    _num_free_rows = _Counter("num_free_rows")
+    next_episode_id = _Counter("next_episode_id")
+    clock = _Counter("clock")
+    key_revision = _Counter("key_revision")
+    _num_pending = _Counter("num_pending")
+
     def _reset_bookkeeping(self) -> None:
         self.episodes: TensorDict | None = None
         self._row_slot: torch.Tensor | None = None
         self._free_slots: torch.Tensor | None = None
-        self._num_free_slots = 0
         self._free_rows: torch.Tensor | None = None
-        self._num_free_rows = 0
-        self.next_episode_id = 0
-        self.clock = 0
-        self.key_revision = 0
+        self._reset_counters()
         self._pending: list[torch.Tensor] = []
+        self.open_episodes = None
+
+    def _reset_counters(self) -> None:
+        """Zeroes the counters but those that never go back (revisions) or that the writer
+        resets itself (its write count, kept by ``rb.empty(empty_write_count=False)``)."""
+        keep = [_C["key_revision"], _C["open_generation"], _C["write_count"]]
+        kept = self._cv[keep].copy()
+        self._cv[:] = 0
+        self._cv[keep] = kept
 
     @property
     def table_device(self) -> torch.device:
@@ -165,6 +221,11 @@ class HippoStorage(LazyTensorStorage):
         return table
 
     def _grow_table(self, min_free: int) -> None:
+        if self.is_shared:
+            raise RuntimeError(
+                "The episode table of a shared HippoStorage is full; this should not happen "
+                f"(it holds max_size + open episodes = {self.episodes.shape[0]} slots)."
+            )
         old = self.episodes
         size = old.shape[0]
         new_size = max(size * 2, size + min_free, _MIN_TABLE)
@@ -282,12 +343,14 @@ class HippoStorage(LazyTensorStorage):
     # ------------------------------------------------------------------ keys
     def add_pending_keys(self, rows: torch.Tensor) -> None:
         """Records rows written without a key (``key_version == -1``), see :meth:`encode_pending`."""
-        self._pending.append(rows.reshape(-1))
+        if not self.is_shared:  # shared: another process may encode them; found by a scan
+            self._pending.append(rows.reshape(-1))
+        self._num_pending += rows.numel()
 
     @property
     def has_pending_keys(self) -> bool:
         """Whether rows written with ``HippoWriter(defer_keys=True)`` still wait for a key."""
-        return bool(self._pending)
+        return self._num_pending > 0
 
     def encode_pending(self, *, chunk_size: int = 8192) -> int:
         """Computes the keys of the rows written with deferred keys; returns how many.
@@ -298,12 +361,17 @@ class HippoStorage(LazyTensorStorage):
         pool merges them incrementally. :class:`~torchrl_hippo.HippoSampler` calls this before
         every retrieval; call it yourself before reading :attr:`keys` directly.
         """
-        if not self._pending:
+        if not self.has_pending_keys:
             return 0
-        rows = torch.cat(self._pending).unique()
-        self._pending = []
         version = self._storage.get(HIPPO_KEYS["key_version"])
-        rows = rows[(self._row_slot[rows] >= 0) & (version[rows] < 0)]
+        if self.is_shared:
+            high = len(self)
+            rows = ((version[:high] < 0) & (self._row_slot[:high] >= 0)).nonzero().squeeze(1)
+        else:
+            rows = torch.cat(self._pending).unique()
+            rows = rows[(self._row_slot[rows] >= 0) & (version[rows] < 0)]
+        self._pending = []
+        self._num_pending = 0
         return self._encode_rows(rows, chunk_size)
 
     def refresh_keys(self, rows: torch.Tensor | None = None, *, chunk_size: int = 8192) -> int:
@@ -327,7 +395,9 @@ class HippoStorage(LazyTensorStorage):
         else:
             rows = torch.as_tensor(rows, device=self.table_device).reshape(-1)
             if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(self)):
-                raise IndexError(f"rows must lie in [0, {len(self)}), got {rows.min()}..{rows.max()}.")
+                raise IndexError(
+                    f"rows must lie in [0, {len(self)}), got {rows.min()}..{rows.max()}."
+                )
             rows = rows[self._row_slot[rows] >= 0]
         count = self._encode_rows(rows, chunk_size)
         if count:
@@ -443,19 +513,151 @@ class HippoStorage(LazyTensorStorage):
     # ------------------------------------------------------------------ contract
     def _empty(self) -> None:
         super()._empty()
-        self._reset_bookkeeping()
-        self.initialized = False
-        self._storage = None
+        # The rows stay allocated (as in TorchRL's storages, and so that an emptied memory
+        # can still be shared between processes); only the bookkeeping is cleared.
+        if self.is_shared:  # other processes hold these tensors: clear them in place
+            self._clear_shared()
+        else:
+            self._reset_bookkeeping()
         self.bump_key_revision()
 
     def _find_pending_keys(self) -> None:
         """After a load: the rows still waiting for a key are those with ``key_version < 0``."""
         self._pending = []
+        self._num_pending = 0
         if self.initialized and self._row_slot is not None:
             version = self._storage.get(HIPPO_KEYS["key_version"])[: len(self)]
             pending = ((version < 0) & (self._row_slot[: len(self)] >= 0)).nonzero().squeeze(1)
             if pending.numel():
                 self._pending.append(pending)
+                self._num_pending = pending.numel()
+
+    # ------------------------------------------------------------------ processes
+    @property
+    def is_shared(self) -> bool:
+        """Whether the memory lives in shared memory for several processes (see :meth:`share_memory_`)."""
+        return self._lock is not None
+
+    @property
+    def lock(self):
+        """The inter-process lock writers and samplers hold (``None`` unless shared)."""
+        return self._lock
+
+    @property
+    def open_episodes(self) -> TensorDict | None:
+        """The episodes still running, as their writer left them (``None`` before any write).
+
+        In a shared memory this is read from the shared copy whenever another process has
+        written since this one last looked.
+        """
+        mirror = self._open_mirror
+        if mirror is not None:
+            generation = int(self._cv[_C["open_generation"]])
+            if generation != self._open_seen:
+                count = int(self._cv[_C["open_count"]])
+                self._open = None if count < 0 else mirror[:count].clone()
+                self._open_seen = generation
+        return self._open
+
+    @open_episodes.setter
+    def open_episodes(self, value: TensorDict | None) -> None:
+        self._open = value
+        mirror = getattr(self, "_open_mirror", None)
+        if mirror is None:
+            return
+        if value is None:
+            count = -1
+        else:
+            count = value.shape[0]
+            if count > mirror.shape[0]:
+                raise RuntimeError(
+                    f"{count} open episodes do not fit the shared table of {mirror.shape[0]}."
+                )
+            if count:
+                mirror[:count] = value
+        self._cv[_C["open_count"]] = count
+        self._cv[_C["open_generation"]] += 1
+        self._open_seen = int(self._cv[_C["open_generation"]])
+
+    def share_memory_(self) -> HippoStorage:
+        """Places the memory in shared memory so that several processes can write and sample it.
+
+        Rows, episode table, bookkeeping counters and the writer's open episodes then live in
+        shared memory, and writers and samplers take :attr:`lock` (a multiprocessing lock), so
+        every process sees one coherent memory: episode ids stay unique, the episode table
+        matches the rows. The episode table is allocated at its largest size
+        (``max_size`` plus the writer's open episodes), since shared tensors cannot grow.
+
+        It is called on its own when the storage is sent to a spawned process (TorchRL's
+        multi-process collectors do so with ``replay_buffer=rb``); call it before forking.
+        The memory must hold data first (as for any TorchRL storage shared between
+        processes), so that the rows' layout is known. Returns the storage.
+        """
+        if self.is_shared:
+            return self
+        if not self.initialized:
+            raise RuntimeError(
+                "Cannot share an empty HippoStorage between processes: write some data first "
+                "(TorchRL's multi-process collectors do so with a fake batch), so that the "
+                "rows' layout is known."
+            )
+        self._ensure_tables()
+        size = self.episodes.shape[0]
+        capacity = self.max_size + self._open_capacity + 1
+        if size < capacity:
+            self._grow_table(capacity - size)
+        open_ = self.open_episodes
+        template = open_ if open_ is not None else self._open_factory()
+        self._open_mirror = template.apply(
+            lambda x: torch.zeros(
+                (self._open_capacity, *x.shape[1:]), dtype=x.dtype, device=x.device
+            ),
+            batch_size=[self._open_capacity],
+        )
+        if self.table_device.type == "cpu":
+            self._storage.share_memory_()
+            self.episodes.share_memory_()
+            self._open_mirror.share_memory_()
+            for tensor in (self._row_slot, self._free_rows, self._free_slots, self._counters):
+                tensor.share_memory_()
+        self._cv = self._counters.numpy()
+        self._len = self._len  # creates the shared length value if it does not exist yet
+        self._lock = mp.get_context("spawn").RLock()
+        self.open_episodes = open_
+        if self._pending:  # a shared memory finds its pending rows by a scan
+            self._pending = []
+        return self
+
+    def _clear_shared(self) -> None:
+        """Empties a shared memory in place (its tensors are held by other processes)."""
+        self._row_slot.fill_(-1)
+        for name, column in self.episodes.items():
+            column.fill_(-1 if name == "id" else 0)
+        size = self.episodes.shape[0]
+        self._free_slots.copy_(torch.arange(size - 1, -1, -1, device=self._free_slots.device))
+        self._reset_counters()
+        self._cv[_C["num_free_slots"]] = size
+        self._pending = []
+        self.open_episodes = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        if get_spawning_popen() is not None and self.initialized:
+            self.share_memory_()
+        state = super().__getstate__()
+        state.pop("_cv", None)
+        state.pop("_open", None)
+        if get_spawning_popen() is None:  # a plain copy or pickle: a private memory
+            state["_lock"] = None
+            state["_open_mirror"] = None
+            state["_open"] = self.open_episodes
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._cv = self._counters.numpy()
+        if "_open" not in state:
+            self._open = None
+            self._open_seen = -1  # read the shared copy on first use
 
     def _bookkeeping_state(self) -> dict[str, Any]:
         return {
@@ -470,6 +672,10 @@ class HippoStorage(LazyTensorStorage):
         }
 
     def _load_bookkeeping_state(self, state: dict[str, Any]) -> None:
+        if self.is_shared:
+            raise RuntimeError(
+                "Cannot load a state into a shared HippoStorage: load it first, then share it."
+            )
         dev = self.table_device
         if state["episodes"] is None:
             self._reset_bookkeeping()
@@ -485,6 +691,21 @@ class HippoStorage(LazyTensorStorage):
         self.next_episode_id = int(state["next_episode_id"])
         self.clock = int(state["clock"])
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild an empty storage like this one.
+
+        ``HippoStorage(**storage.config)`` has the same capacity, device and key dtype (a
+        storage made with ``device="auto"`` reports the device it settled on at its first write).
+
+        Examples:
+            >>> import torch
+            >>> from torchrl_hippo import HippoStorage
+            >>> HippoStorage(100, key_dtype=torch.float16).config
+            {'max_size': 100, 'device': device(type='cpu'), 'key_dtype': torch.float16}
+        """
+        return {"max_size": self.max_size, "device": self.device, "key_dtype": self.key_dtype}
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["hippo"] = self._bookkeeping_state()
@@ -495,6 +716,10 @@ class HippoStorage(LazyTensorStorage):
             raise KeyError("state_dict has no 'hippo' entry: it was not made by a HippoStorage.")
         if state_dict["_storage"] or state_dict["initialized"]:
             super().load_state_dict(state_dict)
+            if self._storage.device is None and self.device != "auto":
+                # Rows loaded into an empty storage come back without a device: give them the
+                # storage's, as a first write does (reads then carry it too).
+                self._storage = self._storage.to(self.device)
         self._load_bookkeeping_state(state_dict["hippo"])
         self._find_pending_keys()
         self.bump_key_revision()

@@ -12,7 +12,7 @@ from tensordict import NestedKey, TensorDict, TensorDictBase
 from torchrl.data.replay_buffers.writers import Writer
 
 from torchrl_hippo.data.sampler import HippoSampler
-from torchrl_hippo.data.storage import HIPPO_KEYS, HippoStorage
+from torchrl_hippo.data.storage import _C, HIPPO_KEYS, HippoStorage
 
 __all__ = ["HippoWriter"]
 
@@ -26,6 +26,7 @@ _HIPPO_DTYPES = {
     "prev": torch.int64,
 }
 _DEFAULT_EVICTION_WEIGHTS = {"return": 1.0, "access": 0.5, "recency": 1.0}
+_CURSOR, _WRITES = _C["writer_cursor"], _C["write_count"]
 
 
 class HippoWriter(Writer):
@@ -180,9 +181,47 @@ class HippoWriter(Writer):
         self.max_open_episodes = int(max_open_episodes)
         self.defer_keys = bool(defer_keys)
         self.segmenter = segmenter
-        self._cursor = 0
-        self._write_count = 0
-        self._open: TensorDict | None = None
+        # Until the writer is registered with a storage; then the storage holds them (so
+        # that processes sharing the memory share them too).
+        self._local = {"cursor": 0, "write_count": 0, "open": None}
+
+    # The writer's state lives in its storage once registered: the ring cursor, the rows
+    # written, and the episodes still running (stitched to the next batch).
+    @property
+    def _cursor(self) -> int:
+        storage = self._storage
+        return self._local["cursor"] if storage is None else storage._cv[_CURSOR].item()
+
+    @_cursor.setter
+    def _cursor(self, value: int) -> None:
+        if self._storage is None:
+            self._local["cursor"] = int(value)
+        else:
+            self._storage._cv[_CURSOR] = value
+
+    @property
+    def _write_count(self) -> int:
+        storage = self._storage
+        return self._local["write_count"] if storage is None else storage._cv[_WRITES].item()
+
+    @_write_count.setter
+    def _write_count(self, value: int) -> None:
+        if self._storage is None:
+            self._local["write_count"] = int(value)
+        else:
+            self._storage._cv[_WRITES] = value
+
+    @property
+    def _open(self) -> TensorDict | None:
+        storage = self._storage
+        return self._local["open"] if storage is None else storage.open_episodes
+
+    @_open.setter
+    def _open(self, value: TensorDict | None) -> None:
+        if self._storage is None:
+            self._local["open"] = value
+        else:
+            self._storage.open_episodes = value
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -203,8 +242,20 @@ class HippoWriter(Writer):
                 f"HippoWriter writes into a HippoStorage, got {type(storage).__name__}."
             )
         self._check_embed_dim(storage)
+        local = self._local if getattr(self, "_storage", None) is None else None
         super().register_storage(storage)
         storage.encoder = self.encoder
+        storage._open_capacity = self.max_open_episodes
+        storage._open_factory = self._empty_open
+        if local is not None and not storage.is_shared:
+            self._cursor, self._write_count = local["cursor"], local["write_count"]
+            self._open = local["open"]
+
+    def _empty_open(self) -> TensorDict:
+        """An empty open-episode table laid out for the storage's rows."""
+        storage = self._storage
+        rows = storage._storage[:1]
+        return self._new_open(rows, self.encoder.window, storage.table_device)
 
     def _check_embed_dim(self, storage: HippoStorage) -> None:
         dim = storage.embed_dim
@@ -222,6 +273,13 @@ class HippoWriter(Writer):
         return self.extend(data.unsqueeze(0))[0]
 
     def extend(self, data: TensorDictBase) -> torch.Tensor:
+        storage = self._storage
+        if storage is not None and storage.is_shared:
+            with storage.lock:  # one writer at a time across processes
+                return self._extend(data)
+        return self._extend(data)
+
+    def _extend(self, data: TensorDictBase) -> torch.Tensor:
         # Hot path: a few dozen small tensor ops per call, so ops are chosen for their fixed
         # cost (index_select / index_copy_ rather than advanced indexing, slices where a set of
         # rows is a run) and per-segment work is done once, on segments rather than rows.
@@ -519,8 +577,11 @@ class HippoWriter(Writer):
         return seq, seq.match(self._open.get("key"))
 
     def _ensure_open(self, flat: TensorDictBase, window: int, device: torch.device) -> None:
-        if self._open is not None:
-            return
+        if self._open is None:
+            self._open = self._new_open(flat, window, device)
+
+    def _new_open(self, flat: TensorDictBase, window: int, device: torch.device) -> TensorDict:
+        """An empty open-episode table (``flat``'s rows give the layout of the window tails)."""
         entries = {
             name: torch.zeros(
                 0, dtype=torch.float64 if name == "ret" else torch.int64, device=device
@@ -531,7 +592,7 @@ class HippoWriter(Writer):
             tail = self._step_td(flat[:1]).unsqueeze(1).expand(1, window - 1)[:0].clone()
             tail.set("mask", torch.zeros(0, window - 1, dtype=torch.bool, device=device))
             entries["tail"] = tail
-        self._open = TensorDict(entries, batch_size=[0], device=device)
+        return TensorDict(entries, batch_size=[0], device=device)
 
     def _step_td(self, rows: TensorDictBase) -> TensorDict:
         """The per-step entries the encoder reads, as a TensorDict of batch ``[n]``."""
