@@ -6,7 +6,15 @@ from torchrl_hippo.consolidation import (
     MixtureRatioScheduler,
     PairSampler,
 )
-from torchrl_hippo.data import HippoSampler, HippoStorage, HippoWriter
+from torchrl_hippo.data import (
+    ChangePointSegmenter,
+    FixedWindowSegmenter,
+    GoalSegmenter,
+    HippoSampler,
+    HippoStorage,
+    HippoWriter,
+    Segmenter,
+)
 from torchrl_hippo.modules import (
     DualEncoder,
     HierarchicalMemory,
@@ -14,11 +22,15 @@ from torchrl_hippo.modules import (
     make_hierarchical_actor_critic,
 )
 from torchrl_hippo.objectives import ReturnAwareContrastiveLoss
+from torchrl_hippo.query import memory_query
 
 __all__ = [
+    "ChangePointSegmenter",
     "ConsolidationHook",
     "Consolidator",
     "DualEncoder",
+    "FixedWindowSegmenter",
+    "GoalSegmenter",
     "HierarchicalMemory",
     "HippoSampler",
     "HippoStorage",
@@ -27,6 +39,8 @@ __all__ = [
     "MixtureRatioScheduler",
     "PairSampler",
     "ReturnAwareContrastiveLoss",
+    "Segmenter",
     "make_hierarchical_actor_critic",
+    "memory_query",
 ]
 __version__ = "0.1.0"

@@ -898,6 +898,9 @@ class HippoWriter(Writer):
     def _empty(self, empty_write_count: bool = True) -> None:
         self._cursor = 0
         self._open = None
+        reset = getattr(self.segmenter, "reset", None)
+        if callable(reset):
+            reset()
         if empty_write_count:
             self._write_count = 0
 

@@ -46,12 +46,14 @@ from torchrl_hippo.envs.crafting import Crafting
 from torchrl_hippo.envs.multi_room import MultiRoomKeys
 from torchrl_hippo.envs.sequence_games import SequenceGames
 from torchrl_hippo.envs.story import StoryGen
+from torchrl_hippo.envs.transforms import MemoryRetrieval
 
 __all__ = [
     "ENV_IDS",
     "Corridor",
     "CorridorCurriculum",
     "Crafting",
+    "MemoryRetrieval",
     "MultiRoomKeys",
     "SequenceGames",
     "StoryGen",

@@ -4,6 +4,7 @@ from torchrl_hippo.modules.builders import HierarchicalActorCritic, make_hierarc
 from torchrl_hippo.modules.compression import BufferVAE
 from torchrl_hippo.modules.encoder import DualEncoder
 from torchrl_hippo.modules.hierarchical import HierarchicalMemory, MemoryELBOLoss
+from torchrl_hippo.modules.pixels import PixelEncoder, make_pixel_dual_encoder
 
 __all__ = [
     "BufferVAE",
@@ -11,5 +12,7 @@ __all__ = [
     "HierarchicalActorCritic",
     "HierarchicalMemory",
     "MemoryELBOLoss",
+    "PixelEncoder",
     "make_hierarchical_actor_critic",
+    "make_pixel_dual_encoder",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +153,8 @@ class DualEncoder(TensorDictModuleBase):
     Input layout. The TensorDict has batch size ``[*B]``; the window is the first feature dim:
 
     - observation: ``[*B, W, observation_dim]``, or ``[*B, W, *obs_shape]`` that is flattened to
-      ``observation_dim`` features (or mapped there by ``observation_encoder``), floating point;
+      ``observation_dim`` features (or mapped there by ``observation_encoder``), floating point
+      (or integer, such as ``uint8`` frames, when an ``observation_encoder`` takes them);
     - action: ``[*B, W, action_dim]`` (one-hot or continuous; integer one-hot vectors, as
       TorchRL's ``OneHot`` specs produce, are used as floats), or an integer or bool category
       index of shape ``[*B, W]`` or ``[*B, W, 1]``, turned into a one-hot vector (with
@@ -181,7 +183,10 @@ class DualEncoder(TensorDictModuleBase):
             in ``[0, 1)``. The target never drops anything. Defaults to ``0.0``.
         observation_encoder (nn.Module, optional): maps observations ``[*, *obs_shape]`` to
             ``[*, observation_dim]`` per step (e.g. a pixel encoder). It is trained with the
-            online network and copied into the target. Defaults to ``None`` (flatten).
+            online network and copied into the target. With one, observations may also be
+            integer (e.g. ``uint8`` frames): they reach it uncast, so it can scale them itself
+            (see :class:`~torchrl_hippo.modules.pixels.PixelEncoder`). Defaults to ``None``
+            (flatten).
         observation_key (NestedKey, optional): Defaults to ``"observation"``.
         action_key (NestedKey, optional): Defaults to ``"action"``.
         reward_key (NestedKey, optional): Defaults to ``("next", "reward")``.
@@ -312,6 +317,41 @@ class DualEncoder(TensorDictModuleBase):
             self.out_keys = [self._keys["key"]]
         return self
 
+    @property
+    def observation_encoder(self) -> nn.Module | None:
+        """The online network's per-step observation encoder (``None``: observations are flattened)."""
+        return self.online.observation_encoder
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this encoder, ``observation_encoder`` excepted.
+
+        ``DualEncoder(**encoder.config)`` builds an encoder of the same architecture, keys and
+        hyper-parameters (with fresh weights: load them with ``load_state_dict``). The
+        ``observation_encoder`` is a module, i.e. code rather than configuration: pass it again
+        (a new instance of the same architecture) when the original had one.
+
+        Examples:
+            >>> from torchrl_hippo.modules import DualEncoder
+            >>> encoder = DualEncoder(4, 2, 16, window=3, out_key=("memory", "key"))
+            >>> config = encoder.config
+            >>> config["embed_dim"], config["window"], config["out_key"]
+            (16, 3, ('memory', 'key'))
+            >>> DualEncoder(**config).config == config
+            True
+        """
+        return {
+            "observation_dim": self.observation_dim,
+            "action_dim": self.action_dim,
+            "embed_dim": self.embed_dim,
+            "window": self.window,
+            "hidden_dim": self.hidden_dim,
+            "momentum": self.momentum,
+            "dropout": self.dropout,
+            **{f"{name}_key": self._keys[name] for name in _KEY_NAMES[:4]},
+            "out_key": self._keys["key"],
+        }
+
     # ------------------------------------------------------------------ modes and updates
     def train(self, mode: bool = True) -> DualEncoder:
         """Sets the online network's mode; the target network always stays in eval mode."""
@@ -413,7 +453,9 @@ class DualEncoder(TensorDictModuleBase):
             mask_flat = mask.reshape(n, w)
 
         # observation -> [N, W, *obs_shape]; masked steps zeroed so garbage there is ignored.
-        obs = observation.reshape(n, w, *observation.shape[len(lead) :]).to(dtype)
+        obs = observation.reshape(n, w, *observation.shape[len(lead) :])
+        if self.online.observation_encoder is None or obs.is_floating_point():
+            obs = obs.to(dtype)  # integer frames (e.g. uint8 pixels) reach the encoder as they are
         per_step = math.prod(observation.shape[len(lead) :])
         if self.online.observation_encoder is None and per_step != self.observation_dim:
             raise ValueError(
@@ -422,7 +464,7 @@ class DualEncoder(TensorDictModuleBase):
                 f"{tuple(observation.shape[len(lead) :])} holds {per_step}."
             )
         step_mask = mask_flat.reshape(n, w, *([1] * (obs.ndim - 2)))
-        obs = torch.where(step_mask, obs, torch.zeros((), dtype=dtype, device=obs.device))
+        obs = torch.where(step_mask, obs, torch.zeros((), dtype=obs.dtype, device=obs.device))
 
         act = self._action_features(action, lead, mask_flat, dtype)
         rew = reward.reshape(n, w, 1).to(dtype)
@@ -489,9 +531,12 @@ class DualEncoder(TensorDictModuleBase):
                 raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}.")
         if mask is not None and not isinstance(mask, Tensor):
             raise TypeError(f"mask must be a bool Tensor or None, got {type(mask).__name__}.")
-        if not observation.is_floating_point():
+        if observation.is_complex() or not (
+            observation.is_floating_point() or self.online.observation_encoder is not None
+        ):
             raise TypeError(
-                f"observation must be a floating-point tensor, got dtype {observation.dtype}."
+                "observation must be a floating-point tensor (integer frames need an "
+                f"observation_encoder), got dtype {observation.dtype}."
             )
         if reward.is_complex():
             raise TypeError(f"reward must be a real tensor, got dtype {reward.dtype}.")
