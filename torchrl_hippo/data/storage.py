@@ -720,6 +720,8 @@ class HippoStorage(LazyTensorStorage):
                 # Rows loaded into an empty storage come back without a device: give them the
                 # storage's, as a first write does (reads then carry it too).
                 self._storage = self._storage.to(self.device)
+        elif self.initialized:  # the state of an empty memory: hold nothing
+            self._empty()
         self._load_bookkeeping_state(state_dict["hippo"])
         self._find_pending_keys()
         self.bump_key_revision()

@@ -904,6 +904,32 @@ class HippoWriter(Writer):
         if empty_write_count:
             self._write_count = 0
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this writer, but the code ones (``encoder``,
+        ``segmenter``).
+
+        Examples:
+            >>> from torchrl_hippo import DualEncoder, HippoWriter
+            >>> writer = HippoWriter(DualEncoder(3, 2, 16, window=4), forgetting="importance")
+            >>> config = writer.config
+            >>> config["forgetting"], config["defer_keys"]
+            ('importance', False)
+            >>> HippoWriter(writer.encoder, **config).config == config
+            True
+        """
+        return {
+            "forgetting": self.forgetting,
+            "eviction_weights": dict(self.eviction_weights),
+            "evict_fraction": self.evict_fraction,
+            "encode_chunk": self.encode_chunk,
+            "done_key": self.done_key,
+            "traj_key": self.traj_key,
+            "is_init_key": self.is_init_key,
+            "max_open_episodes": self.max_open_episodes,
+            "defer_keys": self.defer_keys,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "cursor": self._cursor,
@@ -932,6 +958,9 @@ class HippoWriter(Writer):
             self._open = None
             return
         open_ = TensorDict().load_state_dict(open_state, strict=False).clone()
+        device = self._storage.table_device if self._storage is not None else None
+        if device is not None:
+            open_ = open_.to(device)
         if not self.defer_keys and "tail" not in open_.keys():
             raise ValueError(
                 "state_dict holds the open episodes of a writer with defer_keys=True, which "
