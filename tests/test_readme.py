@@ -13,7 +13,16 @@ def python_blocks() -> list[str]:
 
 
 # Each block is recognised by a name it uses; what it must print, and what must exist after it.
+#: A block is known by the first of these markers it contains (in this order), then checked.
 EXPECTATIONS = {
+    "RayCollector": {"prints": ["transitions from workers [0, 1]"]},
+    "HippoReplayBuffer": {"prints": ["drawn by retrieval", "consolidation loss"]},
+    "save_memory(": {
+        "prints": ["['README.md', 'config.json', 'memory.safetensors', 'model.safetensors']"]
+    },
+    "ChangePointSegmenter(": {"prints": ["episode lengths: [25, 40, 35, 20]"]},
+    "MemoryRetrieval(": {"prints": ["retrieved keys (200, 4, 32)"]},
+    "make_pixel_dual_encoder(": {"prints": ["torch.uint8", "[5, 40]"]},
     "set_query": {"prints": ["transitions in", "items drawn by retrieval"]},
     "ConsolidationHook": {"prints": ["nn_return_consistency"], "files": ["png"]},
 }
