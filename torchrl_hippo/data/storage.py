@@ -244,9 +244,9 @@ class HippoStorage(LazyTensorStorage):
     def allocate_slots(self, n: int) -> torch.Tensor:
         """Takes ``n`` free rows of the episode table and returns their slots.
 
-        The slots are clear (``id`` -1, every other field 0): :meth:`release_slots` clears
-        them, and :class:`~torchrl_hippo.HippoWriter` relies on it (it does not reset
-        ``rows`` or ``access`` of a new episode).
+        The slots hold no episode (``id`` -1) and count no row and no access (``rows`` and
+        ``access`` 0; :class:`~torchrl_hippo.HippoWriter` relies on it and sets every other
+        field of a new episode itself).
         """
         self._ensure_tables()
         if n > self._num_free_slots:
@@ -257,14 +257,20 @@ class HippoStorage(LazyTensorStorage):
         return slots
 
     def release_slots(self, slots: torch.Tensor) -> None:
-        """Returns episode-table slots to the free list and clears them."""
+        """Returns episode-table slots, whose episodes have no row left, to the free list.
+
+        A free slot is one with ``id`` -1 and ``rows`` 0 (every reader of the table filters on
+        those); its ``access`` count is cleared for the next episode, its other fields are left
+        as they were (the writer sets them when it takes the slot again).
+        """
         n = slots.numel()
         if not n:
             return
-        for name, column in self.episodes.items():
-            column.index_fill_(0, slots, -1 if name == "id" else 0)
-        self._free_slots[self._num_free_slots : self._num_free_slots + n] = slots
-        self._num_free_slots += n
+        self.episodes.get("id").index_fill_(0, slots, -1)
+        self.episodes.get("access").index_fill_(0, slots, 0)
+        top = self._num_free_slots
+        self._free_slots[top : top + n] = slots
+        self._num_free_slots = top + n
 
     def new_episode_ids(self, n: int) -> torch.Tensor:
         """Returns ``n`` fresh global episode ids (unique for the life of the memory)."""

@@ -185,6 +185,17 @@ class HippoWriter(Writer):
         # that processes sharing the memory share them too).
         self._local = {"cursor": 0, "write_count": 0, "open": None}
 
+    @property
+    def _checked_obs_dim(self) -> int | None:
+        """The observation size ``extend`` checks (``None`` with an observation encoder)."""
+        cache = self.__dict__.get("_obs_dim_cache")
+        if cache is None or cache[0] is not self.encoder:  # once per encoder
+            dim = getattr(self.encoder, "observation_dim", None)
+            if getattr(self.encoder, "observation_encoder", None) is not None:
+                dim = None
+            cache = self.__dict__["_obs_dim_cache"] = (self.encoder, dim)
+        return cache[1]
+
     # The writer's state lives in its storage once registered: the ring cursor, the rows
     # written, and the episodes still running (stitched to the next batch).
     @property
@@ -524,8 +535,8 @@ class HippoWriter(Writer):
                 f"done {self.done_key!r} must hold one flag per transition, got shape "
                 f"{list(done.shape)} for batch {list(shape)}."
             )
-        obs_dim = getattr(self.encoder, "observation_dim", None)
-        if getattr(self.encoder, "observation_encoder", None) is None and obs_dim is not None:
+        obs_dim = self._checked_obs_dim
+        if obs_dim is not None:
             feat = obs.numel() // n
             if feat != obs_dim:
                 raise ValueError(
@@ -684,25 +695,40 @@ class HippoWriter(Writer):
             rows = torch.cat([rows, storage.pop_free_rows(need)])
         return rows, (high if not need else None)
 
-    @staticmethod
-    def _hippo_columns(storage: HippoStorage, start: int, n: int) -> dict[str, torch.Tensor]:
-        """Views of the storage's ``"hippo"`` entries at rows ``start:start + n`` (a run).
+    def _store_columns(self, storage: HippoStorage) -> dict[NestedKey, torch.Tensor] | None:
+        """Every leaf column of the storage's rows by key, or ``None`` when they cannot be
+        written leaf by leaf (not yet created, or not a plain TensorDict of tensors).
 
-        Empty unless the storage is a plain TensorDict that holds them all (so not before the
-        first write), in which case :meth:`_write_rows` would write them the same way.
+        Cached for as long as the storage holds the same TensorDict (its columns are written
+        in place, never replaced).
         """
         store = storage._storage
+        cache = self.__dict__.get("_columns_cache")
+        if cache is not None and cache[0] is store:
+            return cache[1]
         if not (
             storage.initialized and type(store) is TensorDict and storage._storage_keys is None
         ):
-            return {}
-        hippo = store.get("hippo", None)
-        if type(hippo) is not TensorDict:
+            return None
+        columns = dict(store.items(True, True))
+        if not all(isinstance(column, torch.Tensor) for column in columns.values()):
+            return None
+        self.__dict__["_columns_cache"] = (store, columns)
+        return columns
+
+    def _hippo_columns(self, storage: HippoStorage, start: int, n: int) -> dict[str, torch.Tensor]:
+        """Views of the storage's ``"hippo"`` entries at rows ``start:start + n`` (a run).
+
+        Empty unless the storage holds them all with the writer's dtypes (so not before the
+        first write), in which case :meth:`_write_rows` would write them the same way.
+        """
+        columns = self._store_columns(storage)
+        if columns is None:
             return {}
         cols = {}
         for name, dtype in _HIPPO_DTYPES.items():
-            column = hippo.get(name, None)
-            if not isinstance(column, torch.Tensor) or column.dtype != dtype:
+            column = columns.get(("hippo", name))
+            if column is None or column.dtype != dtype:
                 return {}
             cols[name] = column[start : start + n]
         return cols
@@ -723,9 +749,9 @@ class HippoWriter(Writer):
         otherwise (first write, new entries, a locked storage) through
         :meth:`HippoStorage.set`, which creates them.
         """
-        store = storage._storage
+        columns = self._store_columns(storage)
         pairs = []
-        if storage.initialized and type(store) is TensorDict and storage._storage_keys is None:
+        if columns is not None:
             items = [
                 (key, value[tail] if tail.start else value)
                 for key, value in flat.items(True, True)
@@ -733,14 +759,15 @@ class HippoWriter(Writer):
             ]
             items += [(("hippo", name), value) for name, value in hippo.items()]
             for key, value in items:
-                column = store.get(key, None)
-                if not isinstance(column, torch.Tensor) or not isinstance(value, torch.Tensor):
-                    pairs = None
+                column = columns.get(key)
+                if column is None or not isinstance(value, torch.Tensor):
+                    pairs = None  # an entry the storage does not hold yet: it creates it
                     break
                 pairs.append((column, value))
         else:
             pairs = None
         if pairs is None:
+            self.__dict__.pop("_columns_cache", None)  # the storage may gain entries
             out = self._rows_td(flat, tail, hippo)
             if start is None:
                 storage.set(rows, out, set_cursor=False)
