@@ -22,6 +22,7 @@ EXPECTATIONS = {
     },
     "ChangePointSegmenter(": {"prints": ["episode lengths: [25, 40, 35, 20]"]},
     "MemoryRetrieval(": {"prints": ["retrieved keys (200, 4, 32)"]},
+    "memory=rb": {"prints": ["stored keys at distance tensor([0., 0., 0.])"]},
     "make_pixel_dual_encoder(": {"prints": ["torch.uint8", "[5, 40]"]},
     "set_query": {"prints": ["transitions in", "items drawn by retrieval"]},
     "ConsolidationHook": {"prints": ["nn_return_consistency"], "files": ["png"]},

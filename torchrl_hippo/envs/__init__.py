@@ -44,6 +44,7 @@ import gymnasium as gym
 from torchrl_hippo.envs.corridor import Corridor, CorridorCurriculum
 from torchrl_hippo.envs.crafting import Crafting
 from torchrl_hippo.envs.multi_room import MultiRoomKeys
+from torchrl_hippo.envs.novelty import EpisodicNovelty
 from torchrl_hippo.envs.sequence_games import SequenceGames
 from torchrl_hippo.envs.story import StoryGen
 from torchrl_hippo.envs.transforms import MemoryRetrieval
@@ -53,6 +54,7 @@ __all__ = [
     "Corridor",
     "CorridorCurriculum",
     "Crafting",
+    "EpisodicNovelty",
     "MemoryRetrieval",
     "MultiRoomKeys",
     "SequenceGames",
