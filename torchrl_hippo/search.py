@@ -336,6 +336,16 @@ def _faiss_backend(
     return scores, indices
 
 
+def _check_finite_queries(queries: Tensor) -> None:
+    """Rejects infinite queries (NaN ones are rejected by ``check_topk_inputs``).
+
+    An infinite query scores ``inf``, ``-inf`` or NaN against every key, so no ranking of the
+    keys is meaningful, and the backends would each return different rows.
+    """
+    if queries.numel() and not bool(torch.isfinite(queries).all()):
+        raise ValueError("queries contains inf; every query must be a finite embedding.")
+
+
 # --------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------
@@ -606,7 +616,7 @@ class FaissKeyIndex:
         """The ``k`` present rows with the largest inner product with each query.
 
         Args:
-            queries (Tensor): ``[Q, D]``, floating, without NaN; any device (the search runs on
+            queries (Tensor): ``[Q, D]``, floating, finite; any device (the search runs on
                 the CPU; results come back on the queries' device).
             k (int): neighbours per query, ``1 <= k <=`` the number of searchable rows.
 
@@ -630,6 +640,7 @@ class FaissKeyIndex:
         if isinstance(valid, Tensor):
             valid = valid.cpu()
         k, _ = check_topk_inputs(queries, self._keys, k, valid)
+        _check_finite_queries(queries)
         mask = self._present if valid is None else self._present & valid
         searchable = int(mask.sum())
         if k > searchable:
@@ -690,7 +701,7 @@ def topk_similarity(
     ``queries @ keys[indices].T`` afterwards.
 
     Args:
-        queries (Tensor): the queries, ``[Q, D]``, a floating dtype, without NaN.
+        queries (Tensor): the queries, ``[Q, D]``, a floating dtype, finite (no NaN or inf).
         keys (Tensor): the memory's keys, ``[N, D]``, a floating dtype, on the queries' device.
         k (int): how many neighbours to return per query, ``1 <= k <= number of valid keys``.
 
@@ -720,8 +731,8 @@ def topk_similarity(
             non-bool ``valid``, a non-int ``k``).
         ValueError: if queries or keys are not 2-D, their ``D`` or devices differ, ``valid`` has
             the wrong shape or device, ``k < 1``, ``k`` exceeds the number of valid keys, the
-            queries hold NaN, ``chunk_size < 1``, the backend is unknown or not installed, or
-            ``approx=True`` comes without a matching ``index``.
+            queries hold NaN or inf, ``chunk_size < 1``, the backend is unknown or not
+            installed, or ``approx=True`` comes without a matching ``index``.
 
     Examples:
         >>> import torch
@@ -760,6 +771,7 @@ def topk_similarity(
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1 (or None), got {chunk_size}.")
     k, _ = check_topk_inputs(queries, keys, k, valid)
+    _check_finite_queries(queries)
     if approx:
         if not isinstance(index, FaissKeyIndex):
             raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +45,13 @@ def _storage_of(rb_or_storage: ReplayBuffer | HippoStorage) -> HippoStorage:
     return storage
 
 
+def _real(value: float, name: str) -> float:
+    """``value`` as a float, or a ``TypeError`` naming ``name`` if it is not a real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}.")
+    return float(value)
+
+
 def _positive_int(value: int, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
@@ -73,7 +81,10 @@ class Consolidator:
     Before each optimiser step the loss and the gradients are checked: a NaN or inf stops
     consolidation with a :class:`FloatingPointError` before the key refresh, and the step that
     failed leaves the encoder (online and target), the optimiser state and the stored keys as
-    they were.
+    they were. After the step the online parameters are checked too: if the step made them
+    NaN or inf, it is undone (the optimiser's own state keeps it) and a
+    :class:`FloatingPointError` is raised before the momentum update, so the target encoder
+    and the stored keys never see such weights.
 
     Metrics (0-dim tensors): ``steps``, ``version``, ``refreshed_rows``, ``key_staleness``
     (:func:`~torchrl_hippo.metrics.key_staleness` over all stored rows, after the refresh)
@@ -103,7 +114,8 @@ class Consolidator:
             Defaults to ``False``.
         optimizer (torch.optim.Optimizer, optional): the optimiser of
             ``encoder.online.parameters()``. Defaults to ``None``: Adam with ``lr``.
-        lr (float, optional): learning rate of the default optimiser. Defaults to ``1e-3``.
+        lr (float, optional): learning rate of the default optimiser, finite and ``> 0``.
+            Defaults to ``1e-3``.
         momentum (float, optional): EMA factor of the target updates. Defaults to ``None``
             (``encoder.momentum``).
         max_grad_norm (float, optional): gradient-norm clipping. Defaults to ``1.0``
@@ -172,6 +184,10 @@ class Consolidator:
         quality_bins: int = 4,
         generator: torch.Generator | None = None,
     ) -> None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}."
+            )
         self.loss_module = ReturnAwareContrastiveLoss(
             encoder,
             temperature=temperature,
@@ -193,15 +209,17 @@ class Consolidator:
             mask_key=mask_key,
             generator=generator,
         )
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
+        if momentum is not None and not 0.0 <= _real(momentum, "momentum") <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}.")
-        if max_grad_norm is not None and not max_grad_norm > 0:
+        if max_grad_norm is not None and not _real(max_grad_norm, "max_grad_norm") > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}.")
-        if not 0.0 <= refresh_fraction <= 1.0:
+        if not 0.0 <= _real(refresh_fraction, "refresh_fraction") <= 1.0:
             raise ValueError(f"refresh_fraction must be in [0, 1], got {refresh_fraction}.")
         if optimizer is None:
-            if not lr > 0:
-                raise ValueError(f"lr must be > 0, got {lr}.")
+            # An infinite rate turns the first step's parameters into inf/NaN, and the momentum
+            # update then carries them into the target encoder that writes the stored keys.
+            if not (_real(lr, "lr") > 0 and math.isfinite(lr)):
+                raise ValueError(f"lr must be > 0 and finite, got {lr}.")
             optimizer = torch.optim.Adam(encoder.online.parameters(), lr=lr)
         elif not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -247,7 +265,8 @@ class Consolidator:
                 episode.
             ValueError: if ``steps`` or ``batch_size`` is invalid, or ``batch_size`` exceeds
                 the rows consolidation can draw from.
-            FloatingPointError: if a loss or a gradient is NaN or inf.
+            FloatingPointError: if a loss, a gradient or the parameters after an optimiser
+                step are NaN or inf.
         """
         storage = _storage_of(rb_or_storage)
         steps = _positive_int(steps, "steps", 0)
@@ -296,7 +315,21 @@ class Consolidator:
                         f"{grad_norm.item()}; the encoder and the optimiser were left as they "
                         "were before this step."
                     )
+                before = [p.detach().clone() for p in params]
                 self.optimizer.step()
+                # A step too large for the weights (e.g. a diverging learning rate) would reach
+                # the target encoder, which computes the stored keys, through the momentum
+                # update: check the weights first, and undo the step if they broke.
+                if not bool(torch.isfinite(torch.nn.utils.get_total_norm(params))):
+                    with torch.no_grad():
+                        for p, value in zip(params, before):
+                            p.copy_(value)
+                    raise FloatingPointError(
+                        f"consolidation step {step + 1}/{steps}: the optimiser step made the "
+                        "online encoder's parameters NaN or inf (is the learning rate too "
+                        "large?); the encoder and the stored keys were left as they were before "
+                        "this step (the optimiser's state has taken it)."
+                    )
                 encoder.update_target(self.momentum)
                 for name, value in (*losses.items(), ("grad_norm", grad_norm)):
                     history.setdefault(name, []).append(value.detach())
