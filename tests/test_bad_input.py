@@ -208,17 +208,11 @@ def test_writer_without_a_storage():
         writer.extend(make_episodes([3]))
 
 
-# Known bugs of HippoWriter (torchrl_hippo/data/writer.py). Each test states the behaviour the
-# writer documents ("everything is validated and encoded before anything is written, so a bad
-# batch never corrupts the memory"; clear errors naming the argument).
-_CORRUPTS = (
-    "HippoWriter validates the batch against the stored columns only partly: this batch gets "
-    "past validation and fails while the rows are being written, leaving the episode table, "
-    "the ring cursor and some columns changed (phantom rows that later count as stored)"
-)
+# Bugs this file found in HippoWriter, now fixed: the writer documents that "everything is
+# validated and encoded before anything is written, so a bad batch never corrupts the memory",
+# with clear errors naming the argument.
 
 
-@pytest.mark.xfail(strict=True, reason=_CORRUPTS)
 @pytest.mark.parametrize("defer_keys", [False, True])
 def test_reward_layout_unlike_the_stored_one(defer_keys):
     # Rewards as [N] into a memory that stores them as [N, 1]: either refused with an error that
@@ -239,13 +233,6 @@ def test_reward_layout_unlike_the_stored_one(defer_keys):
         assert rb.storage.num_valid == before["len"] + 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HippoWriter does not check a batch's entries against the stored columns: with "
-    "defer_keys=True this batch fails mid-write and leaves the memory changed (see the reward "
-    "case); with eager keys it fails before writing, but with a RuntimeError from torch.cat "
-    "that names no entry",
-)
 @pytest.mark.parametrize("defer_keys", [False, True])
 @pytest.mark.parametrize(
     "entry, make",
@@ -270,11 +257,6 @@ def test_entries_unlike_the_stored_ones_are_rejected(defer_keys, entry, make):
     assert_unchanged(rb, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HippoWriter stores NaN / inf observations and actions: their keys are NaN, and the "
-    "torch search backend then returns those rows as every query's nearest neighbour",
-)
 @pytest.mark.parametrize("entry", ["observation", "action"])
 @pytest.mark.parametrize("value", [NAN, INF])
 @pytest.mark.parametrize("defer_keys", [False, True])
@@ -286,11 +268,6 @@ def test_non_finite_observations_and_actions_are_rejected(entry, value, defer_ke
     assert_unchanged(rb, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HippoWriter's empty-batch check uses TensorDict.numel(), which is at least 1: an "
-    "empty batch gets a misleading error about the reward's shape",
-)
 @pytest.mark.parametrize("shape", [[0], [2, 0], [0, 3]])
 def test_empty_batch_is_named_empty(shape):
     rb = filled_buffer()
@@ -308,11 +285,6 @@ def test_empty_batch_is_named_empty(shape):
     assert_unchanged(rb, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HippoWriter does not check the shapes of is_init and traj_ids: a RuntimeError "
-    "from a reshape that names neither",
-)
 @pytest.mark.parametrize(
     "key, value",
     [
@@ -330,11 +302,6 @@ def test_segmentation_entries_of_the_wrong_size_are_named(key, value):
     assert_unchanged(rb, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HippoWriter does not check the keys it computes (HippoStorage.refresh_keys does): an "
-    "encoder with NaN weights writes NaN keys silently",
-)
 def test_non_finite_keys_are_not_written():
     rb = filled_buffer()
     with torch.no_grad():
@@ -527,12 +494,6 @@ def test_update_priority_rejects_bad_priorities(bad):
     assert_unchanged(rb, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HippoSampler.set_query's empty-TensorDict check uses TensorDict.numel(), which is "
-    "at least 1: an empty TensorDict is accepted, and the next draw fails with a KeyError about "
-    "a missing observation entry",
-)
 def test_set_query_rejects_an_empty_tensordict():
     rb = filled_buffer()
     before = snapshot(rb)
@@ -541,11 +502,6 @@ def test_set_query_rejects_an_empty_tensordict():
     assert_unchanged(rb, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HippoSampler converts mixture_ratio / temperature with float(): a str or None gets "
-    "Python's own message, which does not name the argument",
-)
 @pytest.mark.parametrize("name", ["mixture_ratio", "temperature"])
 @pytest.mark.parametrize("value", ["high", None])
 def test_sampler_options_of_the_wrong_type_are_named(name, value):
@@ -553,11 +509,6 @@ def test_sampler_options_of_the_wrong_type_are_named(name, value):
         HippoSampler(**{name: value})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HippoSampler accepts priority_alpha=inf; once priorities are set every "
-    "priority_weight is NaN",
-)
 def test_infinite_priority_exponent_is_rejected():
     with pytest.raises(ValueError, match="priority_alpha"):
         HippoSampler(priority_alpha=INF)
@@ -948,21 +899,11 @@ def test_empty_storage_calls():
         storage.keys  # noqa: B018
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HippoStorage(max_size) beyond int64 fails inside LazyTensorStorage with "
-    "\"'NoneType' object is not iterable\"",
-)
 def test_storage_max_size_beyond_int64_is_named():
     with pytest.raises((ValueError, OverflowError), match="max_size"):
         HippoStorage(10**20)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HippoStorage.gather_windows wraps negative rows around: row -1 of a full memory "
-    "comes back as a real step holding row 0's data",
-)
 def test_gather_windows_rejects_negative_rows():
     rb = make_buffer(10)
     rb.extend(make_episodes([10]))

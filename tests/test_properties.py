@@ -706,13 +706,6 @@ MemoryMachine.TestCase.settings = settings(
 TestMemoryMachine = MemoryMachine.TestCase
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HippoWriter(defer_keys=True) documents a zero key for rows waiting for theirs, but "
-    "leaves the key column as it was: an overwritten row shows the key of the transition it "
-    "replaced, a row never written before shows uninitialised memory (NaN at times); a "
-    "uniform-only draw hands these keys out",
-)
 def test_rows_waiting_for_their_key_read_a_zero_key():
     from conftest import make_buffer, make_episodes
 

@@ -183,8 +183,9 @@ class HippoSampler(Sampler):
             raise ValueError(f"anchor_temperature must be > 0, got {anchor_temperature}.")
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}.")
-        if not priority_alpha >= 0:
-            raise ValueError(f"priority_alpha must be >= 0, got {priority_alpha}.")
+        priority_alpha = _real(priority_alpha, "priority_alpha")
+        if not 0 <= priority_alpha < math.inf:
+            raise ValueError(f"priority_alpha must be finite and >= 0, got {priority_alpha}.")
         if not priority_eps >= 0:
             raise ValueError(f"priority_eps must be >= 0, got {priority_eps}.")
         if not 0.0 <= refresh_fraction <= 1.0:
@@ -228,7 +229,7 @@ class HippoSampler(Sampler):
 
     @mixture_ratio.setter
     def mixture_ratio(self, value: float) -> None:
-        value = float(value)
+        value = _real(value, "mixture_ratio")
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"mixture_ratio must be in [0, 1], got {value}.")
         self._mixture_ratio = value
@@ -252,7 +253,7 @@ class HippoSampler(Sampler):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        value = float(value)
+        value = _real(value, "temperature")
         if not value > 0 or not math.isfinite(value):
             raise ValueError(f"temperature must be a finite number > 0, got {value}.")
         self._temperature = value
@@ -284,7 +285,7 @@ class HippoSampler(Sampler):
                 )
             if not torch.isfinite(query).all():
                 raise ValueError("query embeddings contain NaN or inf values.")
-        elif isinstance(query, TensorDictBase) and query.numel() == 0:
+        elif isinstance(query, TensorDictBase) and query.batch_size.numel() == 0:
             raise ValueError("query TensorDict is empty.")
         self._query = query
         self._query_version += 1
@@ -777,3 +778,11 @@ class HippoSampler(Sampler):
             f"{type(self).__name__}(mixture_ratio={self.mixture_ratio}, top_k={self.top_k}, "
             f"temperature={self.temperature})"
         )
+
+
+def _real(value: Any, name: str) -> float:
+    """``value`` as a float, or a ``TypeError`` naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}.")
+    return float(value)

@@ -142,6 +142,8 @@ class HippoStorage(LazyTensorStorage):
     ) -> None:
         if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
             raise ValueError(f"max_size must be a positive integer, got {max_size!r}.")
+        if max_size >= 2**62:
+            raise ValueError(f"max_size must be below 2**62 (int64 row indices), got {max_size}.")
         if not isinstance(key_dtype, torch.dtype) or not key_dtype.is_floating_point:
             raise TypeError(f"key_dtype must be a floating torch.dtype, got {key_dtype!r}.")
         super().__init__(max_size, device=device)
@@ -492,6 +494,11 @@ class HippoStorage(LazyTensorStorage):
         if not self.initialized:
             raise RuntimeError("Cannot gather windows from an empty memory.")
         flat = index.reshape(-1).to(self.table_device)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= len(self)):
+            raise IndexError(
+                f"index must hold stored rows in [0, {len(self)}), got rows in "
+                f"[{int(flat.min())}, {int(flat.max())}]."
+            )
         episode = self._storage.get(HIPPO_KEYS["episode"])
         step = self._storage.get(HIPPO_KEYS["step"])
         prev = self._storage.get(HIPPO_KEYS["prev"])

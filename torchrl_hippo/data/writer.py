@@ -309,6 +309,8 @@ class HippoWriter(Writer):
         n = seq.n
         if seq.order is not None:
             flat = flat[seq.order.to(flat.device) if flat.device is not None else seq.order]
+        # The batch's entries against the stored columns, before anything is written.
+        pairs = self._column_pairs(storage, flat)
         window = self.encoder.window
         self._ensure_open(flat, window, dev)
         open_ = self._open
@@ -335,13 +337,11 @@ class HippoWriter(Writer):
         # Windows and keys (target encoder, no grad) before any mutation.
         if self.defer_keys:
             win_idx = win_mask = pools = None
-            # The rows' keys are computed later (key_version -1 marks them). The key column is
-            # left as it is, except on the very first write, which creates it (zeros).
-            keys = None
-            if not storage.initialized:
-                keys = torch.zeros((), dtype=storage.key_dtype, device=dev).expand(
-                    n_write, self.encoder.embed_dim
-                )
+            # The rows' keys are computed later (key_version -1 marks them); until then their
+            # key is zero, never the key of the transition they replace.
+            keys = torch.zeros((), dtype=storage.key_dtype, device=dev).expand(
+                n_write, self.encoder.embed_dim
+            )
         else:
             win_idx, win_mask = self._window_index(seq, stitch, window, open_, dev)
             pools = self._pools(flat, open_, window, dev)
@@ -442,7 +442,7 @@ class HippoWriter(Writer):
         }
         if keys is not None:
             hippo["key"] = keys
-        self._write_rows(storage, rows, start, flat, tail, hippo)
+        self._write_rows(storage, rows, start, flat, tail, hippo, pairs)
         if self.defer_keys:
             storage.add_pending_keys(rows)
 
@@ -496,21 +496,41 @@ class HippoWriter(Writer):
             raise ValueError(
                 f"data must have batch size [N] or [env, time], got {list(data.batch_size)}."
             )
-        n = data.numel()
+        n = data.batch_size.numel()
         if n == 0:
-            raise ValueError("data is empty: extend needs at least one transition.")
+            raise ValueError(
+                f"data is empty (batch size {list(data.batch_size)}): extend needs at least one "
+                "transition."
+            )
 
         def leaf(key: NestedKey) -> torch.Tensor | None:
             value = data.get(key, None)
             return value if isinstance(value, torch.Tensor) else None
 
-        obs = leaf(self.observation_key)
+        obs, action = leaf(self.observation_key), leaf(self.action_key)
         for name, key, value in (
             ("observation", self.observation_key, obs),
-            ("action", self.action_key, leaf(self.action_key)),
+            ("action", self.action_key, action),
         ):
             if value is None:
                 raise ValueError(f"data has no {name} entry {key!r}.")
+            if value.numel() % n:
+                raise ValueError(
+                    f"{name} {key!r} of shape {list(value.shape)} does not hold the same "
+                    f"features for each of the {n} transitions."
+                )
+            # NaN / inf inputs would give NaN keys, which every search would rank first.
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} {key!r} contains NaN or inf values.")
+        act_dim = getattr(self.encoder, "action_dim", None)
+        feat = action.numel() // n
+        if act_dim is not None and not (
+            feat == act_dim or (not action.is_floating_point() and feat == 1)
+        ):
+            raise ValueError(
+                f"action {self.action_key!r} has {feat} features per transition, the encoder "
+                f"expects action_dim={act_dim} (or one integer index per transition)."
+            )
         reward = leaf(self.reward_key)
         if reward is None:
             raise ValueError(f"data has no reward entry {self.reward_key!r}.")
@@ -530,11 +550,17 @@ class HippoWriter(Writer):
                 f"reward {self.reward_key!r} must hold one scalar per transition, got shape "
                 f"{list(reward.shape)} for batch {list(shape)}."
             )
-        if done is not None and done.numel() != n:
-            raise ValueError(
-                f"done {self.done_key!r} must hold one flag per transition, got shape "
-                f"{list(done.shape)} for batch {list(shape)}."
-            )
+        for name, key, value in (
+            ("done", self.done_key, done),
+            ("is_init", self.is_init_key, leaf(self.is_init_key)),
+            ("traj_ids", self.traj_key, traj),
+        ):
+            if value is not None and value.numel() != n:
+                raise ValueError(
+                    f"{name} {key!r} must hold one {'id' if name == 'traj_ids' else 'flag'} "
+                    f"per transition, got shape "
+                    f"{list(value.shape)} for batch {list(shape)}."
+                )
         obs_dim = self._checked_obs_dim
         if obs_dim is not None:
             feat = obs.numel() // n
@@ -665,6 +691,11 @@ class HippoWriter(Writer):
                 win_mask[sl].to(enc_dev),
                 target=True,
             )
+            if not bool(torch.isfinite(keys).all()):
+                raise FloatingPointError(
+                    "The encoder produced NaN or inf keys (check its weights); nothing was "
+                    "written."
+                )
             out[sl] = keys.to(device=out.device, dtype=out.dtype)
         return out
 
@@ -733,6 +764,40 @@ class HippoWriter(Writer):
             cols[name] = column[start : start + n]
         return cols
 
+    def _column_pairs(
+        self, storage: HippoStorage, flat: TensorDictBase
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The (stored column, batch value) of each entry of the batch, but ``"hippo"``.
+
+        Raises ``ValueError`` naming the entry when a value cannot be written into the column
+        that holds it (another per-transition shape, or integers into floats and the other way
+        round), so that nothing is written. ``None`` when the rows must go through
+        :meth:`HippoStorage.set` (first write, or entries the storage does not hold yet).
+        """
+        columns = self._store_columns(storage)
+        if columns is None:
+            return None
+        pairs = []
+        complete = True
+        batch_dims = flat.batch_dims
+        for key, value in flat.items(True, True):
+            if key == "hippo" or (isinstance(key, tuple) and key[0] == "hippo"):
+                continue
+            column = columns.get(key)
+            if column is None or not isinstance(value, torch.Tensor):
+                complete = False  # a new entry: the storage creates it
+                continue
+            if value.shape[batch_dims:] != column.shape[1:] or (
+                value.is_floating_point() != column.is_floating_point()
+            ):
+                raise ValueError(
+                    f"entry {key!r} of the batch ({value.dtype}, {list(value.shape[batch_dims:])} "
+                    f"per transition) does not fit the memory's ({column.dtype}, "
+                    f"{list(column.shape[1:])} per transition)."
+                )
+            pairs.append((column, value))
+        return pairs if complete else None
+
     def _write_rows(
         self,
         storage: HippoStorage,
@@ -741,6 +806,7 @@ class HippoWriter(Writer):
         flat: TensorDictBase,
         tail: slice,
         hippo: dict[str, torch.Tensor],
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] | None,
     ) -> None:
         """Writes ``flat[tail]`` (its ``"hippo"`` entries replaced by ``hippo``) at ``rows``.
 
@@ -749,23 +815,15 @@ class HippoWriter(Writer):
         otherwise (first write, new entries, a locked storage) through
         :meth:`HippoStorage.set`, which creates them.
         """
-        columns = self._store_columns(storage)
-        pairs = []
-        if columns is not None:
-            items = [
-                (key, value[tail] if tail.start else value)
-                for key, value in flat.items(True, True)
-                if not (key == "hippo" or (isinstance(key, tuple) and key[0] == "hippo"))
-            ]
-            items += [(("hippo", name), value) for name, value in hippo.items()]
-            for key, value in items:
-                column = columns.get(key)
-                if column is None or not isinstance(value, torch.Tensor):
-                    pairs = None  # an entry the storage does not hold yet: it creates it
+        if pairs is not None:
+            columns = self._store_columns(storage)
+            pairs = [(column, value[tail] if tail.start else value) for column, value in pairs]
+            for name, value in hippo.items():
+                column = columns.get(("hippo", name))
+                if column is None:  # not created yet: the storage creates it
+                    pairs = None
                     break
                 pairs.append((column, value))
-        else:
-            pairs = None
         if pairs is None:
             self.__dict__.pop("_columns_cache", None)  # the storage may gain entries
             out = self._rows_td(flat, tail, hippo)
