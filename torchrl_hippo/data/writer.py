@@ -520,7 +520,7 @@ class HippoWriter(Writer):
                     f"features for each of the {n} transitions."
                 )
             # NaN / inf inputs would give NaN keys, which every search would rank first.
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            if value.is_floating_point() and not _all_finite(value):
                 raise ValueError(f"{name} {key!r} contains NaN or inf values.")
         act_dim = getattr(self.encoder, "action_dim", None)
         feat = action.numel() // n
@@ -779,7 +779,7 @@ class HippoWriter(Writer):
             return None
         pairs = []
         complete = True
-        batch_dims = flat.batch_dims
+        batch_dims = len(flat.batch_size)
         for key, value in flat.items(True, True):
             if key == "hippo" or (isinstance(key, tuple) and key[0] == "hippo"):
                 continue
@@ -1259,6 +1259,17 @@ class _Stitch:
         stitched[self.seg] = True
         oidx[self.seg] = self.open
         return stitched, oidx
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    """Whether a floating tensor holds no NaN or inf, in one reduction pass.
+
+    A float64 sum of float32 (or smaller) values cannot overflow, so it is finite iff every
+    value is; only a non-finite sum (or float64 input that overflowed) is checked element-wise.
+    """
+    if math.isfinite(value.sum(dtype=torch.float64)):
+        return True
+    return bool(torch.isfinite(value).all())
 
 
 def _select(values: torch.Tensor, index: torch.Tensor | slice) -> torch.Tensor:
