@@ -1,298 +1,182 @@
-"""DQN on CartPole-v1 with an episodic memory as its replay buffer: the memory at work.
+"""``make demo``: DQN on a sparse-reward corridor, with episodic, uniform and prioritized replay.
 
-Run it with ``make demo`` (or ``python3 examples/demo.py``; ``--help`` lists the options).
-It takes about a minute and a half on a 2-core CPU.
+A short version of the sparse-reward study (``benchmarks/sparse_study.py``): one corridor
+length (30), 2 seeds, the three replays on 61,440 frames each; these are the study's
+``corridor30`` runs for seeds 0 and 1. It takes about a minute and a half on an idle 2-core
+CPU (``--quick``: a smoke run of seconds). ``python3 examples/demo.py --help`` lists the
+options.
 
-The pipeline is plain TorchRL, with the three parts of the replay buffer swapped in::
+**The task.** ``hippo/Corridor-ZeroNoise-v0``: walk from cell 0 to cell ``length``; the only
+reward, ``1.0``, is paid on arrival, and the episode is cut after ``4 * (length + 1)`` steps.
+A random walk gets there in about 1% of the episodes at length 30, so successful episodes
+are rare until the Q-network has learnt where the goal is, and DQN learns from those few.
 
-    GymEnv("CartPole-v1") --Collector--> td[200] --rb.extend--> HippoWriter --> HippoStorage
-                                                                                    |
-    DQNLoss + SoftUpdate <--rb.sample()-- HippoSampler (30% retrieval, 70% uniform) <--+
+**The pipeline** (``examples/dqn_memory.py``, imported here, the same for the three
+replays)::
 
-- :class:`~torchrl_hippo.HippoWriter` cuts the collector's batches into episodes (stitching the
-  ones that run over a batch boundary), and gives every transition a key: the
-  :class:`~torchrl_hippo.DualEncoder`'s embedding of the 8 steps that end there.
+    16 corridors (SyncVectorEnv) --Collector--> td[16, 16] --rb.extend--> replay buffer
+                                                                              |
+    DQNLoss (double DQN) + SoftUpdate <--rb.sample()-- sampler <--------------+
+
+**What the episodic memory does** (``--replay hippo``):
+
+- :class:`~torchrl_hippo.HippoWriter` cuts the collector's batches into episodes (stitching
+  those that run over a batch boundary) and gives each transition a key: the
+  :class:`~torchrl_hippo.DualEncoder`'s embedding of the 8 steps that end there (computed
+  in bulk when first needed, ``defer_keys=True``).
 - :class:`~torchrl_hippo.HippoStorage` keeps the transitions, their keys and an episode table
   (return, length, access count, ...).
-- :class:`~torchrl_hippo.HippoSampler` draws 30% of each batch by retrieval: with no query set,
-  its *default anchors* are transitions of episodes picked with probability
-  ``softmax(z(return) / 0.5)``, so rare high-return episodes; the sampler retrieves their
-  16 nearest keys and draws among them with ``softmax(similarity / 0.1)``. The other 70% are
-  uniform. Each batch carries ``"priority_weight"``, the importance weight that undoes the
-  non-uniform draws, and ``DQNLoss`` reads it on its own (its ``use_prioritized_weights="auto"``
-  takes the weighted mean ``sum(w * loss) / sum(w)`` whenever the key is present), so nothing
-  has to be multiplied by hand.
+- :class:`~torchrl_hippo.HippoSampler` draws part of each batch by retrieval (20%, ramped to
+  50%): with no query set, its *default anchors* are transitions of episodes picked with
+  probability ``softmax(z(return) / 0.5)``: here, the rare episodes that reached the goal.
+  It retrieves the 16 stored windows nearest to each anchor and draws among them with
+  ``softmax(similarity / 0.1)``; the rest of the batch is uniform. Each batch carries
+  ``"priority_weight"``, the importance weight that undoes the non-uniform draws, which
+  ``DQNLoss`` reads on its own.
+- Retrieval starts with the first success: before it every stored episode has the same
+  return, the anchors have nothing to favour, and the sampler draws uniformly (the same
+  draws as the uniform replay's).
+- Every 20 batches a short consolidation ("sleep") trains the encoder contrastively
+  (temporal neighbours and episodes of similar return are positives) and refreshes stale keys.
 
-Every few batches the demo prints what the memory holds and what it serves: the number of
-episodes, the best stored return, a summary of the episode table's returns, and the share of
-draws that came from the top-10% return episodes, for retrieval draws and for uniform draws.
-The retrieval share is far above the uniform one: that is the memory at work, replaying the
-rare good episodes more often (and ``"priority_weight"`` keeping the loss unbiased).
-TensorBoard logs go to ``runs/demo/<run name>`` (``tensorboard --logdir runs/demo``).
+The demo prints the share of the memory's draws that came from successful episodes, for
+retrieval draws and for uniform ones (the share a uniform replay gives them), just after the
+first successes and over the whole run: the retrieval share is several times the uniform one.
+That is the memory at work: it replays the rare successful episodes far more often than they
+occur. What it does *not* show is a higher success rate: in the full study (README) hippo
+matches uniform replay on this task, because success is bounded by exploration (finding the
+goal at all), which no replay scheme changes.
 
-CartPole's action is GymEnv's default int64 one-hot vector of size 2, which the encoder reads
-as two discrete actions (``action_dim=2``).
+At the end it prints a table (replay, success rate, frames to first success), writes
+``results/demo_corridor<length>.json`` and ``.png`` (mean ± std success against frames), and
+points to the TensorBoard logs (``runs/demo``).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from tensordict.nn import TensorDictSequential
-from torchrl.collectors import Collector
-from torchrl.data import TensorDictReplayBuffer
-from torchrl.envs import Compose, GymEnv, RewardSum, StepCounter, TransformedEnv
-from torchrl.modules import MLP, EGreedyModule, QValueActor
-from torchrl.objectives import DQNLoss, SoftUpdate
-from torchrl.record.loggers import TensorboardLogger
-from tqdm import tqdm
 
-from torchrl_hippo import DualEncoder, HippoSampler, HippoStorage, HippoWriter
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dqn_memory import REPLAYS, DQNConfig, format_table, run_study, save_study
+
+CORRIDOR = "hippo/Corridor-ZeroNoise-v0"
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--frames", type=int, default=30_000, help="environment steps in total")
-    parser.add_argument("--frames-per-batch", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=1_000, help="frames before learning")
-    parser.add_argument(
-        "--updates-per-batch", type=int, default=50, help="optimiser steps per batch"
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--memory", type=int, default=50_000, help="transitions the memory holds")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--stats-every", type=int, default=20, help="print memory stats every N batches"
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--length", type=int, default=30, help="corridor length")
+    parser.add_argument("--frames", type=int, default=61_440, help="frames per run")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--replay", nargs="+", choices=REPLAYS, default=list(REPLAYS))
+    parser.add_argument("--out", default="results", help="where the JSON and PNG go")
+    parser.add_argument("--name", default=None, help="file names (default demo_corridor<L>)")
+    parser.add_argument("--logdir", default="runs/demo", help="TensorBoard root")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 is fastest on 2 cores)"
-    )
-    parser.add_argument("--logdir", default="runs/demo", help="TensorBoard root directory")
-    return parser.parse_args()
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of 512 frames a run")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    return parser.parse_args(argv)
 
 
-def make_env(device: torch.device) -> TransformedEnv:
-    env = GymEnv("CartPole-v1", device=device)
-    # StepCounter: episode lengths; RewardSum: ("next", "episode_reward") for the logs.
-    return TransformedEnv(env, Compose(StepCounter(), RewardSum()))
+def _share(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.1%}"
 
 
-class MemoryStats:
-    """Accumulates, over sampled batches, where the semantic and the uniform draws come from."""
+def describe_memory(result: dict[str, Any]) -> str:
+    """Where a hippo run's draws came from (see ``dqn_memory.DrawStats``).
 
-    def __init__(self) -> None:
-        self.reset()
-        self.total = {"sem": [0, 0], "uni": [0, 0]}  # [draws from the top decile, all draws]
-
-    def reset(self) -> None:
-        self.window = {"sem": [0, 0], "uni": [0, 0]}
-        self.sim = {"sem": [0.0, 0], "uni": [0.0, 0]}
-
-    @staticmethod
-    def top_decile_episodes(storage: HippoStorage) -> tuple[torch.Tensor, float]:
-        """Bool over episode-table slots: finished episodes in the top 10% of stored returns."""
-        table = storage.episodes
-        finished = (table["rows"] > 0) & table["done"]
-        if not bool(finished.any()):
-            return finished, math.nan
-        threshold = float(torch.quantile(table["return"][finished].float(), 0.9))
-        return finished & (table["return"] >= threshold), threshold
-
-    def update(self, storage: HippoStorage, batch) -> None:
-        top, _ = self.top_decile_episodes(storage)
-        slot = storage.row_slot[batch["index"]]
-        from_top = (slot >= 0) & top[slot.clamp_min(0)]
-        semantic = batch["hippo", "semantic"]
-        similarity = batch["hippo", "similarity"]
-        for name, mask in (("sem", semantic), ("uni", ~semantic)):
-            hits, n = int(from_top[mask].sum()), int(mask.sum())
-            for acc in (self.window, self.total):
-                acc[name][0] += hits
-                acc[name][1] += n
-            self.sim[name][0] += float(similarity[mask].sum())
-            self.sim[name][1] += n
-
-    @staticmethod
-    def share(acc: dict, name: str) -> float:
-        hits, n = acc[name]
-        return hits / n if n else math.nan
-
-    def mean_similarity(self, name: str) -> float:
-        total, n = self.sim[name]
-        return total / n if n else math.nan
-
-
-def report_memory(rb: TensorDictReplayBuffer, stats: MemoryStats, frames: int) -> dict[str, float]:
-    """Prints what the memory holds and what it served since the last report."""
-    storage: HippoStorage = rb.storage
-    table = storage.episodes
-    finished = (table["rows"] > 0) & table["done"]
-    returns = table["return"][finished].float()
-    top, threshold = stats.top_decile_episodes(storage)
-    # The share of stored transitions that belong to top-decile episodes: what uniform draws get.
-    row_slot = storage.row_slot[: len(storage)]
-    rows_top = float(((row_slot >= 0) & top[row_slot.clamp_min(0)]).float().mean())
-    out = {
-        "memory/episodes": storage.num_episodes,
-        "memory/transitions": storage.num_valid,
-        "memory/best_return": float(returns.max()) if returns.numel() else math.nan,
-        "memory/top_decile_threshold": threshold,
-        "memory/top_decile_share_semantic": stats.share(stats.window, "sem"),
-        "memory/top_decile_share_uniform": stats.share(stats.window, "uni"),
-        "memory/top_decile_share_of_rows": rows_top,
-        "memory/similarity_semantic": stats.mean_similarity("sem"),
-        "memory/similarity_uniform": stats.mean_similarity("uni"),
-    }
-    if returns.numel():
-        q = torch.quantile(returns, torch.tensor([0.0, 0.5, 0.9, 1.0])).tolist()
-        table_txt = "min {:.0f} | median {:.0f} | p90 {:.0f} | max {:.0f}".format(*q)
-    else:
-        table_txt = "no finished episode yet"
-    tqdm.write(
-        f"[memory @ {frames:>6} frames] {out['memory/episodes']} episodes, "
-        f"{out['memory/transitions']} transitions; episode returns: {table_txt}\n"
-        f"    draws from top-10% return episodes: retrieval {out['memory/top_decile_share_semantic']:.0%}"
-        f" vs uniform {out['memory/top_decile_share_uniform']:.0%}"
-        f" (their share of stored rows: {rows_top:.0%}); mean similarity to the anchors:"
-        f" retrieval {out['memory/similarity_semantic']:.2f} vs uniform"
-        f" {out['memory/similarity_uniform']:.2f}"
-    )
-    stats.reset()
-    return out
-
-
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    start = time.perf_counter()
-
-    # ---- environment, Q-network, exploration
-    env = make_env(device)
-    env.set_seed(args.seed)
-    actor = QValueActor(
-        MLP(in_features=4, out_features=2, num_cells=[128, 128], device=device),
-        in_keys=["observation"],
-        spec=env.action_spec,
-    )
-    exploration = EGreedyModule(
-        env.action_spec, eps_init=1.0, eps_end=0.05, annealing_num_steps=args.frames // 2
-    )
-    policy = TensorDictSequential(actor, exploration)
-    collector = Collector(
-        env,
-        policy,
-        frames_per_batch=args.frames_per_batch,
-        total_frames=args.frames,
-        device=device,
-        auto_register_policy_transforms=False,
-    )
-
-    # ---- the episodic memory as the replay buffer
-    encoder = DualEncoder(observation_dim=4, action_dim=2, embed_dim=64, window=8).to(device)
-    rb = TensorDictReplayBuffer(
-        storage=HippoStorage(args.memory, device=device),
-        writer=HippoWriter(encoder),
-        sampler=HippoSampler(mixture_ratio=0.3, top_k=16, temperature=0.1, score_uniform=True),
-        batch_size=args.batch_size,
-    )
-
-    # ---- DQN: the loss reads "priority_weight" from the sampled batch by itself.
-    loss_fn = DQNLoss(
-        actor,
-        action_space=env.action_spec,
-        delay_value=True,
-        double_dqn=True,
-        loss_function="smooth_l1",
-    )
-    loss_fn.make_value_estimator(gamma=0.99)
-    target_updater = SoftUpdate(loss_fn, eps=0.99)
-    optim = torch.optim.Adam(loss_fn.parameters(), lr=args.lr)
-
-    run_name = f"dqn-hippo-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    logger = TensorboardLogger(exp_name=run_name, log_dir=args.logdir)
-    stats = MemoryStats()
-    episode_returns: list[float] = []
-    frames = 0
-    loss_value = math.nan
-
-    pbar = tqdm(total=args.frames, unit="frames", dynamic_ncols=True)
-    for i, batch in enumerate(collector):
-        rb.extend(batch)
-        frames += batch.numel()
-        exploration.step(batch.numel())
-        done = batch["next", "done"].squeeze(-1)
-        finished = batch["next", "episode_reward"][done].reshape(-1).tolist()
-        episode_returns.extend(finished)
-        for r in finished:
-            logger.log_scalar("train/episode_return", r, step=frames)
-
-        if frames >= args.warmup:
-            for _ in range(args.updates_per_batch):
-                sample = rb.sample().to(device)
-                loss = loss_fn(sample)["loss"]
-                optim.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(loss_fn.parameters(), 10.0)
-                optim.step()
-                target_updater.step()
-                stats.update(rb.storage, sample)
-            loss_value = loss.item()
-            collector.update_policy_weights_()
-            logger.log_scalar("train/loss", loss_value, step=frames)
-        logger.log_scalar("train/epsilon", float(exploration.eps), step=frames)
-
-        recent = episode_returns[-10:]
-        pbar.update(batch.numel())
-        pbar.set_postfix(
-            episodes=len(episode_returns),
-            ret10=f"{sum(recent) / max(len(recent), 1):.1f}",
-            eps=f"{float(exploration.eps):.2f}",
-            loss=f"{loss_value:.3f}",
-        )
-        if (i + 1) % args.stats_every == 0 and frames >= args.warmup:
-            for name, value in report_memory(rb, stats, frames).items():
-                logger.log_scalar(name, value, step=frames)
-            finished_returns = rb.storage.episodes["return"][
-                (rb.storage.episodes["rows"] > 0) & rb.storage.episodes["done"]
-            ]
-            logger.log_histogram(
-                "memory/episode_returns", finished_returns, step=frames, bins="auto"
-            )
-    pbar.close()
-    collector.shutdown()
-
-    # ---- summary
-    recent = episode_returns[-10:]
-    sem = MemoryStats.share(stats.total, "sem")
-    uni = MemoryStats.share(stats.total, "uni")
-    table = rb.storage.episodes
-    best = float(table["return"][(table["rows"] > 0) & table["done"]].max())
-    rows = [
-        ("frames", f"{frames}"),
-        ("episodes (finished)", f"{len(episode_returns)}"),
-        ("episodes in memory", f"{rb.storage.num_episodes}"),
-        ("best return in memory", f"{best:.0f}"),
-        ("mean return, last 10 episodes", f"{sum(recent) / max(len(recent), 1):.1f}"),
-        ("top-10% episode share: retrieval draws", f"{sem:.1%}"),
-        ("top-10% episode share: uniform draws", f"{uni:.1%}"),
-        ("wall time", f"{time.perf_counter() - start:.0f} s"),
+    Successful episodes' share among retrieval draws and among uniform draws (the share a
+    uniform replay would give them), in the first checkpoint window with retrieval draws,
+    just after the first successes, and over the whole run.
+    """
+    if result.get("retrieval_from_frame") is None:
+        return f"  hippo seed {result['seed']}: no success, so no retrieval: uniform draws only"
+    curve = result["curve"]
+    semantic = curve.get("memory_success_share_semantic", [])
+    first = next((i for i, v in enumerate(semantic) if not math.isnan(v)), None)
+    lines = [
+        f"  hippo seed {result['seed']}: retrieval from frame {result['retrieval_from_frame']:,}"
     ]
-    width = max(len(k) for k, _ in rows)
-    print("\n" + "-" * (width + 12))
-    for key, value in rows:
-        print(f"{key:<{width}}  {value:>8}")
-    print("-" * (width + 12))
-    logdir = Path(logger.experiment.log_dir)
-    print(f"TensorBoard logs: {logdir}  (tensorboard --logdir {Path(args.logdir)})")
-    logger.experiment.close()
+    if first is not None:
+        uniform = curve["memory_success_share_uniform"][first]
+        lines.append(
+            f"    draws from successful episodes up to frame {curve['frames'][first]:,}: "
+            f"retrieval {_share(semantic[first])} vs uniform {_share(uniform)}"
+        )
+    mem = result["memory"]
+    lines.append(
+        f"    over the whole run: retrieval {_share(mem['success_share_semantic'])} vs "
+        f"uniform {_share(mem['success_share_uniform'])}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the demo; returns the study (the dict written as JSON)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    name = args.name or f"demo_corridor{args.length}"
+    overrides: dict[str, Any] = {}
+    if args.quick:
+        overrides = {"frames": 512, "eval_every": 256, "frames_per_batch": 128, "num_envs": 4}
+    frames = overrides.pop("frames", args.frames)
+    base = DQNConfig(
+        env_id=CORRIDOR,
+        env_kwargs={"length": args.length},
+        frames=frames,
+        eval_every=overrides.pop("eval_every", 4_096 if frames % 4_096 == 0 else frames),
+        device=args.device,
+        logdir=args.logdir,
+        run_name=name,
+        progress=not args.no_progress,
+        **overrides,
+    )
+    print(
+        f"DQN on {CORRIDOR} (length {args.length}): replays {', '.join(args.replay)}, "
+        f"seeds {args.seeds}, {base.frames:,} frames each."
+    )
+    start = time.perf_counter()
+    study = run_study(base, args.replay, args.seeds, on_run=_print_run)
+    study["command"] = "python examples/demo.py " + shlex.join(argv)
+    study["wall_time_s"] = time.perf_counter() - start
+    json_path, png_path = save_study(
+        study, args.out, name, f"Corridor length {args.length}: {base.frames:,} frames per run"
+    )
+    print()
+    print(format_table(study))
+    hippo_runs = study["runs"].get("hippo", [])
+    if hippo_runs:
+        print("\nThe memory at work:")
+        for result in hippo_runs:
+            print(describe_memory(result))
+    print(f"\nwall time: {study['wall_time_s']:.0f} s")
+    print(f"results: {json_path}\nplot:    {png_path}")
+    print(f"TensorBoard: tensorboard --logdir {args.logdir}")
+    return study
+
+
+def _print_run(result: dict[str, Any]) -> None:
+    first = result["first_success_frame"]
+    print(
+        f"  {result['replay']:>11} seed {result['seed']}: training success "
+        f"{result['train_success_rate']:.2f} (all episodes), greedy success "
+        f"{result['final_eval_success']:.2f} at the end, first success at "
+        f"{'-' if first is None else f'{first:,}'} frames ({result['wall_time_s']:.0f} s)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ EXPECTATIONS = {
     "MemoryRetrieval(": {"prints": ["retrieved keys (200, 4, 32)"]},
     "memory=rb": {"prints": ["stored keys at distance tensor([0., 0., 0.])"]},
     "make_pixel_dual_encoder(": {"prints": ["torch.uint8", "[5, 40]"]},
+    "TorchPrioritizedSampler(": {
+        "prints": ["of the draws (1.0% of the rows)", "after the update: 0.0%"]
+    },
     "set_query": {"prints": ["transitions in", "items drawn by retrieval"]},
     "ConsolidationHook": {"prints": ["nn_return_consistency"], "files": ["png"]},
 }

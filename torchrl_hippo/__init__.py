@@ -14,6 +14,7 @@ from torchrl_hippo.data import (
     HippoStorage,
     HippoWriter,
     Segmenter,
+    TorchPrioritizedSampler,
 )
 from torchrl_hippo.modules import (
     DualEncoder,
@@ -40,6 +41,7 @@ __all__ = [
     "PairSampler",
     "ReturnAwareContrastiveLoss",
     "Segmenter",
+    "TorchPrioritizedSampler",
     "make_hierarchical_actor_critic",
     "memory_query",
 ]

@@ -1,5 +1,6 @@
 """TorchRL replay-buffer parts: storage, writer and sampler of the episodic memory."""
 
+from torchrl_hippo.data.prioritized import TorchPrioritizedSampler
 from torchrl_hippo.data.sampler import HippoSampler
 from torchrl_hippo.data.segmenters import (
     ChangePointSegmenter,
@@ -18,4 +19,5 @@ __all__ = [
     "HippoStorage",
     "HippoWriter",
     "Segmenter",
+    "TorchPrioritizedSampler",
 ]
