@@ -1264,10 +1264,12 @@ class _Stitch:
 def _all_finite(value: torch.Tensor) -> bool:
     """Whether a floating tensor holds no NaN or inf, in one reduction pass.
 
-    A float64 sum of float32 (or smaller) values cannot overflow, so it is finite iff every
-    value is; only a non-finite sum (or float64 input that overflowed) is checked element-wise.
+    A finite sum means every value is finite (NaN and inf propagate); only a non-finite sum,
+    which large finite values can also give by overflowing, is checked element by element.
+    Half-precision values are summed in float32, where they cannot overflow.
     """
-    if math.isfinite(value.sum(dtype=torch.float64)):
+    dtype = torch.float32 if value.element_size() < 4 else None
+    if math.isfinite(value.sum(dtype=dtype)):
         return True
     return bool(torch.isfinite(value).all())
 
