@@ -94,3 +94,20 @@ def episodes():
 @pytest.fixture
 def buffer():
     return make_buffer
+
+
+def assert_same_state(a, b, path="state"):
+    """Nested dicts / TensorDicts / tensors / values are exactly equal (NaN equals NaN)."""
+    from tensordict import TensorDictBase
+
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for key in a:
+            assert_same_state(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, TensorDictBase):
+        assert_same_state(a.to_dict(), b.to_dict(), path)
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), path
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=path)
+    else:
+        assert a == b, path

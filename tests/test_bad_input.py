@@ -24,7 +24,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_buffer, make_episodes
+from conftest import assert_same_state, make_buffer, make_episodes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
@@ -66,22 +66,8 @@ def snapshot(rb):
     )
 
 
-def assert_same(a, b, path="buffer"):
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        for key in a:
-            assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, TensorDict):
-        assert_same(a.to_dict(), b.to_dict(), path)
-    elif isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), path
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=path)
-    else:
-        assert a == b, path
-
-
 def assert_unchanged(rb, before):
-    assert_same(before, snapshot(rb))
+    assert_same_state(before, snapshot(rb))
 
 
 def good_batch(layout: str, n: int, seed: int = 7) -> TensorDict:
@@ -678,7 +664,7 @@ def test_consolidator_options_are_checked(data, name):
     state = copy.deepcopy(encoder.state_dict())
     with pytest.raises(error, match=name):
         Consolidator(encoder, **{name: value})
-    assert_same(state, encoder.state_dict())
+    assert_same_state(state, encoder.state_dict())
 
 
 @FUZZ
@@ -726,7 +712,7 @@ def test_consolidate_rejects_bad_arguments_and_changes_nothing(bad):
     with pytest.raises(error, match=match):
         consolidator.consolidate(rb, args["steps"], args["batch_size"])
     assert_unchanged(rb, before)
-    assert_same(encoder_before, rb.writer.encoder.state_dict())
+    assert_same_state(encoder_before, rb.writer.encoder.state_dict())
 
 
 def test_consolidate_rejects_other_memories_and_encoders():
@@ -849,7 +835,7 @@ def test_dual_encoder_encode_rejects_bad_windows(bad):
     state = copy.deepcopy(encoder.state_dict())
     with pytest.raises(error, match=match):
         encoder.encode(observation, action, reward, target=True)
-    assert_same(state, encoder.state_dict())
+    assert_same_state(state, encoder.state_dict())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -934,7 +920,7 @@ def test_a_diverging_optimiser_step_never_reaches_the_target_encoder():
     encoder_before = copy.deepcopy(encoder.state_dict())
     with pytest.raises(FloatingPointError, match="parameters NaN or inf"):
         consolidator.consolidate(rb, 3, 8)
-    assert_same(encoder_before, encoder.state_dict())
+    assert_same_state(encoder_before, encoder.state_dict())
     assert_unchanged(rb, before)
     rb.extend(make_episodes([4], seed=3))
     assert bool(torch.isfinite(rb.storage.keys).all())

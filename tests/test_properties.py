@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from conftest import assert_same_state
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -175,20 +176,6 @@ def _storage_state(storage: HippoStorage) -> dict:
         if book.get(stack) is not None:
             book[stack] = book[stack][: book[count]]
     return state
-
-
-def _state_equal(a, b, path="state") -> None:
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        for key in a:
-            _state_equal(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, TensorDict):
-        _state_equal(a.to_dict(), b.to_dict(), path)
-    elif isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), path
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=path)
-    else:
-        assert a == b, path
 
 
 class MemoryMachine(RuleBasedStateMachine):
@@ -570,9 +557,9 @@ class MemoryMachine(RuleBasedStateMachine):
         rb.dumps(path)
         clone = _build_buffer(self.encoder, **self.options)
         clone.loads(path)
-        _state_equal(_storage_state(rb.storage), _storage_state(clone.storage), "storage")
-        _state_equal(rb.writer.state_dict(), clone.writer.state_dict(), "writer")
-        _state_equal(rb.sampler.state_dict(), clone.sampler.state_dict(), "sampler")
+        assert_same_state(_storage_state(rb.storage), _storage_state(clone.storage), "storage")
+        assert_same_state(rb.writer.state_dict(), clone.writer.state_dict(), "writer")
+        assert_same_state(rb.sampler.state_dict(), clone.sampler.state_dict(), "sampler")
         assert len(clone) == len(rb)
         if self.model.row_uid:  # uniform draws replay identically
             for buffer in (rb, clone):
@@ -593,10 +580,10 @@ class MemoryMachine(RuleBasedStateMachine):
         loaded = load_memory(path)
         encoder = loaded.writer.encoder
         assert encoder is not self.encoder
-        _state_equal(self.encoder.state_dict(), encoder.state_dict(), "encoder")
-        _state_equal(_storage_state(rb.storage), _storage_state(loaded.storage), "storage")
-        _state_equal(rb.writer.state_dict(), loaded.writer.state_dict(), "writer")
-        _state_equal(rb.sampler.state_dict(), loaded.sampler.state_dict(), "sampler")
+        assert_same_state(self.encoder.state_dict(), encoder.state_dict(), "encoder")
+        assert_same_state(_storage_state(rb.storage), _storage_state(loaded.storage), "storage")
+        assert_same_state(rb.writer.state_dict(), loaded.writer.state_dict(), "writer")
+        assert_same_state(rb.sampler.state_dict(), loaded.sampler.state_dict(), "sampler")
         writer = loaded.writer
         assert (writer.forgetting, writer.defer_keys, writer.evict_fraction) == (
             self.options["forgetting"],

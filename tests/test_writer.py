@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_buffer, make_episodes
+from conftest import assert_same_state, make_buffer, make_episodes
 from tensordict import TensorDict
 
 from torchrl_hippo import HippoStorage, HippoWriter
@@ -14,17 +14,6 @@ def stored(rb, rows=None):
     storage = rb.storage
     rows = torch.arange(len(storage)) if rows is None else rows
     return storage.get(rows)
-
-
-def assert_state_equal(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_state_equal(a[k], b[k])
-    elif isinstance(a, torch.Tensor):
-        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
-    else:
-        assert a == b
 
 
 def stream(lengths, seed, rewards=None):
@@ -316,8 +305,8 @@ class TestBadInput:
         data, exc, match = self.bad_cases()[case]
         with pytest.raises(exc, match=match):
             rb.writer.extend(data)  # the buffer itself rejects non-TensorDicts earlier
-        assert_state_equal(before[0], rb.storage.state_dict())
-        assert_state_equal(before[1], rb.writer.state_dict())
+        assert_same_state(before[0], rb.storage.state_dict())
+        assert_same_state(before[1], rb.writer.state_dict())
 
     def test_encoder_storage_embed_dim_mismatch(self):
         from torchrl.data import TensorDictReplayBuffer
