@@ -604,6 +604,17 @@ class MemoryMachine(RuleBasedStateMachine):
         self.consolidator = self._consolidator()
         shutil.rmtree(path.parent, ignore_errors=True)
 
+    @rule(everywhere=st.booleans())
+    def reclaim_slots(self, everywhere):
+        """Bulk slot recycling changes no stored episode; a full scan leaves no dead slot."""
+        storage = self.rb.storage
+        before = storage.num_episodes
+        storage.reclaim_slots(everywhere=everywhere)
+        assert storage.num_episodes == before
+        table = storage.episodes
+        if everywhere and table is not None:
+            assert not ((table["id"] >= 0) & (table["rows"] == 0) & table["done"]).any()
+
     @rule()
     def empty(self):
         self.rb.empty()
@@ -628,7 +639,9 @@ class MemoryMachine(RuleBasedStateMachine):
         # Nothing is lost but what the forgetting policy let go.
         assert rows.tolist() == sorted(model.row_uid)
         table = storage.episodes
-        live_slot = (table["id"] >= 0).nonzero().squeeze(1)
+        # Dead slots (episode done, no row left) keep their id until reclaimed in bulk.
+        dead = (table["id"] >= 0) & (table["rows"] == 0) & table["done"]
+        live_slot = ((table["id"] >= 0) & ~dead).nonzero().squeeze(1)
         ids = table["id"][live_slot].tolist()
         assert len(ids) == len(set(ids)), "an episode id holds two table slots"
         by_episode = model.stored_by_episode()

@@ -177,6 +177,59 @@ def test_episode_table_fields():
     assert repr(rb.storage).startswith("HippoStorage(max_size=50, len=10, episodes=2")
 
 
+def _dead_slots(table):
+    return ((table["id"] >= 0) & (table["rows"] == 0) & table["done"]).nonzero().squeeze(1)
+
+
+@pytest.mark.parametrize("everywhere", [False, True])
+def test_overwritten_episodes_are_reclaimed_in_bulk(everywhere):
+    """Slots of episodes whose rows were all overwritten wait (as dead slots, read as no
+    episode) until reclaimed; reclaiming frees exactly them."""
+    rb = make_buffer(10)
+    rb.extend(make_episodes([3, 3, 4]))
+    rb.extend(make_episodes([4, 2], seed=1))  # overwrites the first two episodes
+    storage = rb.storage
+    table = storage.episodes
+    dead = _dead_slots(table)
+    assert sorted(table["id"][dead].tolist()) == [0, 1]
+    assert storage.num_episodes == 3  # dead slots are no stored episode
+    free_before = storage._num_free_slots
+    if everywhere:
+        storage._maybe_dead = []  # as if another process had noted them
+    assert storage.reclaim_slots(everywhere=everywhere) == 2
+    assert storage._num_free_slots == free_before + 2
+    assert not _dead_slots(table).numel()
+    assert (table["id"][dead] == -1).all() and (table["access"][dead] == 0).all()
+    assert storage.num_episodes == 3
+    assert storage.reclaim_slots() == 0  # nothing left to do
+    # Reclaimed slots are handed out again to new episodes.
+    rb.extend(make_episodes([1, 1], seed=2))
+    assert sorted(table["id"][dead].tolist()) == [5, 6]
+
+
+def test_a_long_run_keeps_the_episode_table_bounded():
+    """Dead slots are recycled as writes go on: the table does not grow with the stream."""
+    rb = make_buffer(32)
+    for seed in range(200):
+        rb.extend(make_episodes([2, 3, 1, 2], seed=seed))
+    storage = rb.storage
+    assert storage.episodes.shape[0] == 256  # the table's first size, never grown
+    live = int((storage.episodes["rows"] > 0).sum())
+    dead = _dead_slots(storage.episodes).numel()
+    assert live == storage.num_episodes <= 32
+    assert live + dead + storage._num_free_slots == 256
+
+
+def test_saved_state_holds_no_dead_slot():
+    rb = make_buffer(10)
+    rb.extend(make_episodes([3, 3, 4]))
+    rb.extend(make_episodes([4, 2], seed=1))
+    assert _dead_slots(rb.storage.episodes).numel() == 2
+    state = rb.storage.state_dict()["hippo"]
+    table = TensorDict(state["episodes"], batch_size=[])
+    assert not _dead_slots(table).numel()
+
+
 @pytest.mark.parametrize(
     "index",
     [

@@ -501,6 +501,28 @@ def test_big_writes_are_chunked():
     torch.testing.assert_close(stored(rb)["hippo", "key"], stored(ref)["hippo", "key"])
 
 
+@pytest.mark.parametrize("defer_keys", [False, True])
+def test_what_the_memory_keeps_is_plain_tensors(defer_keys):
+    """``extend`` does its bookkeeping in inference mode; nothing it leaves behind for later
+    in-place use (rows, table, stacks, the returned index) is an inference tensor."""
+    rb = make_buffer(300, defer_keys=defer_keys)  # 300 rows: the episode table grows
+    for seed in range(3):
+        index = rb.extend(make_episodes([1] * 150, seed=seed))
+        assert not index.is_inference()
+        index += 0  # the caller may write into it
+    storage = rb.storage
+    assert storage.episodes.shape[0] > 256
+    kept = [*storage._storage.values(True, True), *storage.episodes.values()]
+    kept += [storage.row_slot, storage._free_slots, storage._free_rows]
+    assert not [t for t in kept if t.is_inference()]
+    # In-place work outside inference mode goes through.
+    storage.encode_pending()
+    storage.refresh_keys(torch.arange(10))
+    rb.sample()  # counts accesses in the table
+    rb.extend(make_episodes([5]).set("extra", torch.ones(5, 2)))  # a new column
+    assert not storage._storage.get("extra").is_inference()
+
+
 def test_td_without_is_init_or_traj():
     data = make_episodes([4, 4]).exclude("is_init")
     rb = make_buffer(20)

@@ -36,6 +36,8 @@ _TABLE_FIELDS: dict[str, torch.dtype] = {
     "done": torch.bool,  # the episode has ended (or was abandoned)
 }
 _MIN_TABLE = 256
+#: Writes between two bulk recyclings of episode-table slots (see ``reclaim_slots``).
+_RECLAIM_EVERY = 64
 
 #: The bookkeeping integers, held in one int64 tensor so that processes sharing the storage
 #: (see :meth:`HippoStorage.share_memory_`) see the same values. Positions in that tensor.
@@ -172,12 +174,13 @@ class HippoStorage(LazyTensorStorage):
     _num_pending = _Counter("num_pending")
 
     def _reset_bookkeeping(self) -> None:
-        self.episodes: TensorDict | None = None
+        self.episodes = None
         self._row_slot: torch.Tensor | None = None
         self._free_slots: torch.Tensor | None = None
         self._free_rows: torch.Tensor | None = None
         self._reset_counters()
         self._pending: list[torch.Tensor] = []
+        self._maybe_dead: list[torch.Tensor] = []
         self.open_episodes = None
 
     def _reset_counters(self) -> None:
@@ -189,12 +192,25 @@ class HippoStorage(LazyTensorStorage):
         self._cv[keep] = kept
 
     @property
+    def episodes(self) -> TensorDict | None:
+        """The episode table, one row per slot (``None`` before the first write)."""
+        return self._episodes
+
+    @episodes.setter
+    def episodes(self, table: TensorDict | None) -> None:
+        self._episodes = table
+        # Its columns by name, for the writer's hot path (the table's columns are only ever
+        # written in place; a new table comes through this setter).
+        self._table = None if table is None else dict(table.items())
+
+    @property
     def table_device(self) -> torch.device:
         """The device of the rows and of the episode table."""
         if self.device == "auto":
             return torch.device("cpu")
         return torch.device(self.device)
 
+    @torch.inference_mode(False)  # the tables outlive a writer's inference-mode extend
     def _ensure_tables(self, device: torch.device | None = None) -> None:
         if self.device == "auto" and device is not None:
             self.device = device
@@ -222,6 +238,7 @@ class HippoStorage(LazyTensorStorage):
         table["id"].fill_(-1)
         return table
 
+    @torch.inference_mode(False)
     def _grow_table(self, min_free: int) -> None:
         if self.is_shared:
             raise RuntimeError(
@@ -252,6 +269,8 @@ class HippoStorage(LazyTensorStorage):
         """
         self._ensure_tables()
         if n > self._num_free_slots:
+            self.reclaim_slots(everywhere=self.is_shared)
+        if n > self._num_free_slots:
             self._grow_table(n - self._num_free_slots)
         top = self._num_free_slots
         slots = self._free_slots[top - n : top].flip(0)  # a copy
@@ -268,11 +287,70 @@ class HippoStorage(LazyTensorStorage):
         n = slots.numel()
         if not n:
             return
-        self.episodes.get("id").index_fill_(0, slots, -1)
-        self.episodes.get("access").index_fill_(0, slots, 0)
+        self._table["id"].index_fill_(0, slots, -1)
+        self._table["access"].index_fill_(0, slots, 0)
         top = self._num_free_slots
         self._free_slots[top : top + n] = slots
         self._num_free_slots = top + n
+
+    def note_maybe_dead(self, slots: torch.Tensor) -> None:
+        """Records slots whose episode may have ended with no row left; see :meth:`reclaim_slots`.
+
+        Writers call it for the slots whose rows they overwrote (duplicates allowed), so that
+        recycling happens in bulk rather than once per ``extend``.
+        """
+        self._maybe_dead.append(slots)
+        if len(self._maybe_dead) >= _RECLAIM_EVERY:
+            self.reclaim_slots()
+
+    def reclaim_slots(self, *, everywhere: bool = False) -> int:
+        """Returns to the free list the slots whose episode ended and has no row left.
+
+        A slot is *dead* when its episode is done, it counts no row and still holds an id (a
+        free slot holds ``-1``). Until reclaimed, a dead slot keeps its episode's fields:
+        every reader of the table tells stored episodes by ``rows > 0``. By default only
+        the slots recorded with :meth:`note_maybe_dead` are looked at; ``everywhere=True``
+        scans the whole table (another process sharing the memory may have recorded them).
+        Returns the number of slots reclaimed.
+
+        Examples:
+            >>> import torch
+            >>> from tensordict import TensorDict
+            >>> from torchrl.data import TensorDictReplayBuffer
+            >>> from torchrl_hippo import DualEncoder, HippoStorage, HippoWriter
+            >>> rb = TensorDictReplayBuffer(
+            ...     storage=HippoStorage(4), writer=HippoWriter(DualEncoder(3, 2, 8, window=2))
+            ... )
+            >>> def batch(done):
+            ...     return TensorDict(
+            ...         observation=torch.randn(4, 3), action=torch.randn(4, 2),
+            ...         next=TensorDict(reward=torch.zeros(4, 1), done=done.view(4, 1), batch_size=[4]),
+            ...         batch_size=[4],
+            ...     )
+            >>> _ = rb.extend(batch(torch.tensor([False, True, False, True])))
+            >>> _ = rb.extend(batch(torch.tensor([False, False, False, True])))
+            >>> rb.storage.num_episodes, rb.storage.reclaim_slots()
+            (1, 2)
+        """
+        if self.episodes is None:
+            self._maybe_dead = []
+            return 0
+        table = self.episodes
+        if everywhere:
+            slots = None
+        elif not self._maybe_dead:
+            return 0
+        else:
+            slots = torch.cat(self._maybe_dead)
+            slots = slots[slots >= 0]
+        self._maybe_dead = []
+        ids, rows, done = table.get("id"), table.get("rows"), table.get("done")
+        if slots is None:
+            dead = ((ids >= 0) & (rows == 0) & done).nonzero().squeeze(1)
+        else:
+            dead = slots[(ids[slots] >= 0) & (rows[slots] == 0) & done[slots]].unique()
+        self.release_slots(dead)
+        return dead.numel()
 
     def new_episode_ids(self, n: int) -> torch.Tensor:
         """Returns ``n`` fresh global episode ids (unique for the life of the memory)."""
@@ -651,6 +729,7 @@ class HippoStorage(LazyTensorStorage):
         self._reset_counters()
         self._cv[_C["num_free_slots"]] = size
         self._pending = []
+        self._maybe_dead = []
         self.open_episodes = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -659,7 +738,10 @@ class HippoStorage(LazyTensorStorage):
         state = super().__getstate__()
         state.pop("_cv", None)
         state.pop("_open", None)
-        if get_spawning_popen() is None:  # a plain copy or pickle: a private memory
+        state.pop("_table", None)
+        if get_spawning_popen() is not None:
+            state["_maybe_dead"] = []  # this process recycles the slots it noted itself
+        else:  # a plain copy or pickle: a private memory
             state["_lock"] = None
             state["_open_mirror"] = None
             state["_open"] = self.open_episodes
@@ -668,11 +750,14 @@ class HippoStorage(LazyTensorStorage):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._cv = self._counters.numpy()
+        self.episodes = self._episodes
         if "_open" not in state:
             self._open = None
             self._open_seen = -1  # read the shared copy on first use
 
     def _bookkeeping_state(self) -> dict[str, Any]:
+        if not self.is_shared:
+            self.reclaim_slots()  # a saved table holds no dead slot
         return {
             "episodes": self.episodes.to_dict() if self.episodes is not None else None,
             "row_slot": self._row_slot,

@@ -269,7 +269,9 @@ class HippoWriter(Writer):
         return self._new_open(rows, self.encoder.window, storage.table_device)
 
     def _check_embed_dim(self, storage: HippoStorage) -> None:
-        dim = storage.embed_dim
+        columns = self._store_columns(storage)
+        key = None if columns is None else columns.get(HIPPO_KEYS["key"])
+        dim = storage.embed_dim if key is None else key.shape[-1]
         if dim is not None and dim != self.encoder.embed_dim:
             raise ValueError(
                 f"encoder.embed_dim={self.encoder.embed_dim} does not match the storage's stored "
@@ -285,10 +287,17 @@ class HippoWriter(Writer):
 
     def extend(self, data: TensorDictBase) -> torch.Tensor:
         storage = self._storage
-        if storage is not None and storage.is_shared:
-            with storage.lock:  # one writer at a time across processes
-                return self._extend(data)
-        return self._extend(data)
+        # The bookkeeping runs in inference mode, which takes a good part of the fixed cost
+        # of each of its small ops. The tensors it keeps are made outside of it (the storage's
+        # columns and tables, see ``_write_rows`` and ``HippoStorage._ensure_tables``), and
+        # the index it returns is a plain tensor.
+        with torch.inference_mode():
+            if storage is not None and storage.is_shared:
+                with storage.lock:  # one writer at a time across processes
+                    index = self._extend(data)
+            else:
+                index = self._extend(data)
+        return index.clone()
 
     def _extend(self, data: TensorDictBase) -> torch.Tensor:
         # Hot path: a few dozen small tensor ops per call, so ops are chosen for their fixed
@@ -372,18 +381,18 @@ class HippoWriter(Writer):
         seg_slot = stitch.per_segment(open_.get("slot"), new_slots)
         seg_ep = stitch.per_segment(open_.get("episode"), new_ids)
         clock = storage.clock
-        table = storage.episodes
+        table = storage._table
         if n_new:
-            table.get("id").index_copy_(0, new_slots, new_ids)
-            table.get("inserted").index_copy_(0, new_slots, _select(first, stitch.fresh) + clock)
-        table.get("return").index_copy_(0, seg_slot, seg_return.to(torch.float32))
-        table.get("length").index_copy_(0, seg_slot, seg_length)
-        table.get("updated").index_copy_(0, seg_slot, last + clock)
-        table.get("done").index_copy_(0, seg_slot, seq.closed)
+            table["id"].index_copy_(0, new_slots, new_ids)
+            table["inserted"].index_copy_(0, new_slots, _select(first, stitch.fresh) + clock)
+        table["return"].index_copy_(0, seg_slot, seg_return.to(torch.float32))
+        table["length"].index_copy_(0, seg_slot, seg_length)
+        table["updated"].index_copy_(0, seg_slot, last + clock)
+        table["done"].index_copy_(0, seg_slot, seq.closed)
         abandoned = None
         if stitch.abandoned.numel():
             abandoned = open_.get("slot").index_select(0, stitch.abandoned)
-            table.get("done").index_fill_(0, abandoned, True)
+            table["done"].index_fill_(0, abandoned, True)
 
         # Live rows per episode: minus the rows overwritten, plus the rows written. Rows come
         # in runs of one episode, so the overwritten slots are counted per run.
@@ -395,7 +404,7 @@ class HippoWriter(Writer):
         if some_unset:
             written_before = old_slot >= 0
             old_slot, counts = old_slot[written_before], counts[written_before]
-        table_rows = table.get("rows")
+        table_rows = table["rows"]
         table_rows.index_add_(0, old_slot, counts, alpha=-1)
         if n_write == n:
             written = seq.length
@@ -446,14 +455,13 @@ class HippoWriter(Writer):
         if self.defer_keys:
             storage.add_pending_keys(rows)
 
-        # Slots whose episode has ended and has no row left are recycled: those that lost
-        # rows, the abandoned ones, and (if the batch did not fit) the batch's own.
-        maybe_free = [old_slot]
+        # Slots whose episode may have ended with no row left are recycled later, in bulk:
+        # those that lost rows, the abandoned ones, and (if the batch did not fit) its own.
+        storage.note_maybe_dead(old_slot)
         if abandoned is not None:
-            maybe_free.append(abandoned)
+            storage.note_maybe_dead(abandoned)
         if n_write < n:
-            maybe_free.append(seg_slot)
-        self._recycle_slots(storage, maybe_free)
+            storage.note_maybe_dead(seg_slot)
 
         self._update_open(
             seq,
@@ -550,9 +558,10 @@ class HippoWriter(Writer):
                 f"reward {self.reward_key!r} must hold one scalar per transition, got shape "
                 f"{list(reward.shape)} for batch {list(shape)}."
             )
+        is_init = leaf(self.is_init_key)
         for name, key, value in (
             ("done", self.done_key, done),
-            ("is_init", self.is_init_key, leaf(self.is_init_key)),
+            ("is_init", self.is_init_key, is_init),
             ("traj_ids", self.traj_key, traj),
         ):
             if value is not None and value.numel() != n:
@@ -573,7 +582,7 @@ class HippoWriter(Writer):
         entries = {
             "reward": reward,
             "done": done,
-            "is_init": leaf(self.is_init_key),
+            "is_init": is_init,
             "traj": traj,
         }
         return flat, shape, entries
@@ -596,7 +605,8 @@ class HippoWriter(Writer):
             stream = torch.zeros(n, dtype=torch.int64, device=device)
         else:
             stream = seq.per_row(seq.key)
-        starts = self.segmenter(flat, step, stream)
+        with torch.inference_mode(False):  # user code: it may keep tensors of its own
+            starts = self.segmenter(flat, step, stream)
         if not isinstance(starts, torch.Tensor) or starts.dtype != torch.bool:
             raise TypeError(
                 f"segmenter must return a bool tensor of episode starts, got "
@@ -673,6 +683,7 @@ class HippoWriter(Writer):
         idx = torch.where(in_batch, src, torch.where(ctx_ok, ctx_src, zero_row))
         return idx, in_batch | ctx_ok
 
+    @torch.inference_mode(False)  # the encoder is user code: it runs as it would elsewhere
     @torch.no_grad()
     def _encode(self, pools, win_idx, win_mask, storage) -> torch.Tensor:
         enc = self.encoder
@@ -827,11 +838,12 @@ class HippoWriter(Writer):
         if pairs is None:
             self.__dict__.pop("_columns_cache", None)  # the storage may gain entries
             out = self._rows_td(flat, tail, hippo)
-            if start is None:
-                storage.set(rows, out, set_cursor=False)
-            else:
-                for ring_rows, part in _ring_parts(start, out.shape[0], storage.max_size):
-                    storage.set(ring_rows, out[part], set_cursor=False)
+            with torch.inference_mode(False):  # new columns are plain tensors
+                if start is None:
+                    storage.set(rows, out, set_cursor=False)
+                else:
+                    for ring_rows, part in _ring_parts(start, out.shape[0], storage.max_size):
+                        storage.set(ring_rows, out[part], set_cursor=False)
         else:
             for column, value in pairs:
                 if start is None:
@@ -839,10 +851,17 @@ class HippoWriter(Writer):
                 else:
                     _ring_set(column, start, value)
             storage._bump_mutation_revision()
+        # The cursor and length as ints: TorchRL's setters turn tensors into ints themselves,
+        # and the length (a process-shared value) only changes until the memory is full.
         n = rows.shape[0]
-        high = int(rows.max()) + 1 if start is None else start + min(n, storage.max_size - start)
-        storage._set_last_cursor(rows)
-        storage._len = max(len(storage), high)
+        if start is None:
+            high, last = int(rows.max()) + 1, int(rows[-1])
+        else:
+            high = start + min(n, storage.max_size - start)
+            last = (start + n - 1) % storage.max_size
+        storage._set_last_cursor(last)
+        if high > len(storage):
+            storage._len = high
 
     def episode_scores(self, storage: HippoStorage | None = None) -> torch.Tensor:
         """The importance score of every episode-table slot (``nan`` for empty slots).
@@ -913,20 +932,6 @@ class HippoWriter(Writer):
             out = out.to(dev)
         out.set("hippo", TensorDict._new_unsafe(hippo, batch_size=out.batch_size, device=dev))
         return out
-
-    @staticmethod
-    def _recycle_slots(storage: HippoStorage, candidates: list[torch.Tensor]) -> None:
-        """Releases the slots among ``candidates`` whose episode ended and has no row left."""
-        slots = candidates[0] if len(candidates) == 1 else torch.cat(candidates)
-        if not slots.numel():
-            return
-        table = storage.episodes
-        dead = table.get("rows").index_select(0, slots) == 0
-        dead &= table.get("done").index_select(0, slots)
-        free = slots.masked_select(dead)
-        if free.numel():
-            # A slot can be listed twice (its rows were overwritten as two runs).
-            storage.release_slots(free.unique() if free.numel() > 1 else free)
 
     def _update_open(
         self,
