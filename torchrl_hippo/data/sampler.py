@@ -593,7 +593,8 @@ class HippoSampler(Sampler):
         does): the write is then known to be accounted for, and the cached pool is merged
         rather than rebuilt. Negative indices (rows not written) are ignored.
         """
-        index = torch.as_tensor(index).reshape(-1)
+        if not (isinstance(index, torch.Tensor) and index.ndim == 1):
+            index = torch.as_tensor(index).reshape(-1)
         self._dirty.append(index)
         self._dirty_cache = None
         self._dirty_count += index.numel()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tensordict import NestedKey, TensorDict, is_tensor_collection
+from tensordict import NestedKey, TensorDict, TensorDictBase, is_tensor_collection
 from torchrl.data import LazyTensorStorage
 
 __all__ = ["HIPPO_KEYS", "HippoStorage"]
@@ -210,12 +210,14 @@ class HippoStorage(LazyTensorStorage):
             return torch.device("cpu")
         return torch.device(self.device)
 
-    @torch.inference_mode(False)  # the tables outlive a writer's inference-mode extend
     def _ensure_tables(self, device: torch.device | None = None) -> None:
         if self.device == "auto" and device is not None:
             self.device = device
-        if self.episodes is not None:
-            return
+        if self.episodes is None:
+            self._new_tables()
+
+    @torch.inference_mode(False)  # the tables outlive a writer's inference-mode extend
+    def _new_tables(self) -> None:
         dev = self.table_device
         self._row_slot = torch.full((self.max_size,), -1, dtype=torch.int64, device=dev)
         self._free_rows = torch.empty(self.max_size, dtype=torch.int64, device=dev)
@@ -402,7 +404,13 @@ class HippoStorage(LazyTensorStorage):
 
     @property
     def keys(self) -> torch.Tensor:
-        """The stored keys, ``[len(self), embed_dim]`` (a view, free rows included)."""
+        """The stored keys, ``[len(self), embed_dim]``: a view of the key column.
+
+        Free rows and rows waiting for their key (``key_version`` -1, written with
+        ``HippoWriter(defer_keys=True)``) are included, and their entries are no keys: call
+        :meth:`encode_pending` first, or skip those rows, as the library's searches do.
+        Reading rows (:meth:`get`, ``rb.sample()``) gives a zero key for waiting rows.
+        """
         if not self.initialized:
             raise RuntimeError("The memory is empty: no key has been written yet.")
         return self._storage.get(HIPPO_KEYS["key"])[: len(self)]
@@ -430,7 +438,7 @@ class HippoStorage(LazyTensorStorage):
     def add_pending_keys(self, rows: torch.Tensor) -> None:
         """Records rows written without a key (``key_version == -1``), see :meth:`encode_pending`."""
         if not self.is_shared:  # shared: another process may encode them; found by a scan
-            self._pending.append(rows.reshape(-1))
+            self._pending.append(rows if rows.ndim == 1 else rows.reshape(-1))
         self._num_pending += rows.numel()
 
     @property
@@ -549,6 +557,8 @@ class HippoStorage(LazyTensorStorage):
         if self._num_free_rows:
             ret = torch.where(slots >= 0, ret, torch.full_like(ret, float("nan")))
         out.set(HIPPO_KEYS["return"], ret.to(out.device) if out.device is not None else ret)
+        if self._num_pending:
+            _zero_pending_keys(out)
         return out
 
     def gather_windows(
@@ -887,6 +897,21 @@ def _select_rows(data: TensorDict, index: torch.Tensor) -> TensorDict:
     return TensorDict._new_unsafe(
         out, batch_size=torch.Size([index.shape[0], *data.batch_size[1:]]), device=data.device
     )
+
+
+def _zero_pending_keys(rows: TensorDictBase) -> None:
+    """Reads of rows waiting for their key (``key_version`` -1) give a zero key.
+
+    A writer with ``defer_keys=True`` leaves their key column as it was (the key of the
+    transition they replaced) until :meth:`HippoStorage.encode_pending` writes the new one.
+    """
+    key = rows.get(HIPPO_KEYS["key"], None)
+    version = rows.get(HIPPO_KEYS["key_version"], None)
+    if not isinstance(key, torch.Tensor) or not isinstance(version, torch.Tensor):
+        return
+    pending = version < 0
+    if bool(pending.any()):
+        rows.set(HIPPO_KEYS["key"], key.masked_fill(expand_mask(pending, key), 0))
 
 
 def expand_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

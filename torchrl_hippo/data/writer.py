@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tensordict import NestedKey, TensorDict, TensorDictBase
+from tensordict import NestedKey, TensorDict, TensorDictBase, unravel_key
 from torchrl.data.replay_buffers.writers import Writer
 
 from torchrl_hippo.data.sampler import HippoSampler
@@ -306,31 +306,32 @@ class HippoWriter(Writer):
         storage: HippoStorage = self._storage
         if storage is None:
             raise RuntimeError("HippoWriter has no storage: use it inside a replay buffer.")
-        flat, shape, entries = self._validate(data)
+        flat, shape, entries, leaves = self._validate(data)
+        data_device = flat.device
         # The device of the tables, found without touching the storage yet.
-        dev = flat.device if storage.device == "auto" and flat.device is not None else None
+        dev = data_device if storage.device == "auto" and data_device is not None else None
         dev = storage.table_device if dev is None else torch.device(dev)
         seq = _Segments(entries, shape, dev)
         if not seq.finite and not torch.isfinite(entries["reward"]).all():
             raise ValueError(f"reward {self.reward_key!r} contains NaN or inf values.")
-        storage._ensure_tables(device=flat.device if flat.device is not None else None)
+        storage._ensure_tables(device=data_device)
         self._check_embed_dim(storage)
         n = seq.n
         if seq.order is not None:
-            flat = flat[seq.order.to(flat.device) if flat.device is not None else seq.order]
+            flat = flat[seq.order.to(data_device) if data_device is not None else seq.order]
         # The batch's entries against the stored columns, before anything is written.
-        pairs = self._column_pairs(storage, flat)
+        pairs = self._column_pairs(storage, flat, leaves if flat is data else None)
         window = self.encoder.window
         self._ensure_open(flat, window, dev)
-        open_ = self._open
-        stitch = seq.match(open_.get("key"))
+        open_ = self._open_columns()
+        stitch = seq.match(open_["key"])
         if self.segmenter is not None:
             seq, stitch = self._apply_segmenter(flat, seq, stitch, entries, shape, dev)
         first, last = seq.first, seq.last
 
         # Per segment: where its episode stood before this batch (None: nowhere, all fresh).
-        base_step = stitch.per_segment(open_.get("step"), 0)
-        base_ret = stitch.per_segment(open_.get("ret"), 0.0)
+        base_step = stitch.per_segment(open_["step"], 0)
+        base_ret = stitch.per_segment(open_["ret"], 0.0)
         origin = first if base_step is None else first - base_step  # step = row - origin
         csum = seq.csum
         start_sum = (csum - seq.reward).index_select(0, first)  # running = csum - start_sum
@@ -346,11 +347,14 @@ class HippoWriter(Writer):
         # Windows and keys (target encoder, no grad) before any mutation.
         if self.defer_keys:
             win_idx = win_mask = pools = None
-            # The rows' keys are computed later (key_version -1 marks them); until then their
-            # key is zero, never the key of the transition they replace.
-            keys = torch.zeros((), dtype=storage.key_dtype, device=dev).expand(
-                n_write, self.encoder.embed_dim
-            )
+            # The rows' keys are computed later; key_version -1 marks them, and every read
+            # sees a zero key for them (see HippoStorage.get), never the key of the
+            # transition they replace. Their key column is written only to create it.
+            keys = None
+            if pairs is None:
+                keys = torch.zeros((), dtype=storage.key_dtype, device=dev).expand(
+                    n_write, self.encoder.embed_dim
+                )
         else:
             win_idx, win_mask = self._window_index(seq, stitch, window, open_, dev)
             pools = self._pools(flat, open_, window, dev)
@@ -362,7 +366,7 @@ class HippoWriter(Writer):
         capacity = storage.max_size
         importance = self.forgetting == "importance"
         some_unset = importance or len(storage) < capacity or storage.num_free_rows > 0
-        protected = open_.get("slot").index_select(0, stitch.open) if importance else None
+        protected = open_["slot"].index_select(0, stitch.open) if importance else None
         rows, start = self._place(n_write, storage, protected)
         if n_write == n:
             idx_seq = rows
@@ -378,8 +382,8 @@ class HippoWriter(Writer):
         n_new = seq.num - stitch.num
         new_slots = storage.allocate_slots(n_new)  # cleared slots: no rows, no access
         new_ids = storage.new_episode_ids(n_new)
-        seg_slot = stitch.per_segment(open_.get("slot"), new_slots)
-        seg_ep = stitch.per_segment(open_.get("episode"), new_ids)
+        seg_slot = stitch.per_segment(open_["slot"], new_slots)
+        seg_ep = stitch.per_segment(open_["episode"], new_ids)
         clock = storage.clock
         table = storage._table
         if n_new:
@@ -391,7 +395,7 @@ class HippoWriter(Writer):
         table["done"].index_copy_(0, seg_slot, seq.closed)
         abandoned = None
         if stitch.abandoned.numel():
-            abandoned = open_.get("slot").index_select(0, stitch.abandoned)
+            abandoned = open_["slot"].index_select(0, stitch.abandoned)
             table["done"].index_fill_(0, abandoned, True)
 
         # Live rows per episode: minus the rows overwritten, plus the rows written. Rows come
@@ -425,13 +429,12 @@ class HippoWriter(Writer):
             "episode": seq.per_row(seg_ep, out=cols.get("episode")),
             "step": torch.sub(_arange(n, dev), seq.per_row(origin), out=cols.get("step")),
         }
-        running = csum - seq.per_row(start_sum)
-        if base_ret is not None:
-            running += seq.per_row(base_ret)
+        # running = csum - start_sum (+ base_ret): one per-segment offset spread over rows.
+        offset = start_sum if base_ret is None else start_sum - base_ret
         if "return" in cols:
-            cols["return"].copy_(running)
+            torch.sub(csum, seq.per_row(offset), out=cols["return"])
         else:
-            hippo["return"] = running.to(torch.float32)
+            hippo["return"] = (csum - seq.per_row(offset)).to(torch.float32)
         version = -1 if self.defer_keys else int(self.encoder.version)
         if "key_version" in cols:
             cols["key_version"].fill_(version)
@@ -441,7 +444,7 @@ class HippoWriter(Writer):
         prev.index_fill_(0, first, -1)
         if stitch.num:
             prev.index_copy_(
-                0, _select(first, stitch.seg), open_.get("last_row").index_select(0, stitch.open)
+                0, _select(first, stitch.seg), open_["last_row"].index_select(0, stitch.open)
             )
         hippo["prev"] = prev
         hippo = {
@@ -477,7 +480,7 @@ class HippoWriter(Writer):
             storage,
         )
         storage.clock = clock + n
-        self._write_count += n_write
+        storage._cv[_WRITES] += n_write  # self._write_count, which lives in the storage
         for ent in storage._attached_entities_iter():
             if isinstance(ent, HippoSampler):  # it can then merge these rows into its pool
                 ent.mark_update(rows, storage=storage)
@@ -489,11 +492,14 @@ class HippoWriter(Writer):
             index = torch.empty_like(idx_seq).index_copy_(0, seq.order, idx_seq)
         if index.shape != shape:
             index = index.reshape(shape)
-        return index.to(data.device) if data.device is not None else index
+        if data_device is not None and index.device != data_device:
+            index = index.to(data_device)
+        return index
 
     # ------------------------------------------------------------------ helpers
-    def _validate(self, data: Any) -> tuple[TensorDictBase, torch.Size, dict]:
-        """Checks the batch's structure; returns it flat, its shape and the entries we read.
+    def _validate(self, data: Any) -> tuple[TensorDictBase, torch.Size, dict, dict]:
+        """Checks the batch's structure; returns it flat, its shape, the entries we read and
+        all its leaves by key.
 
         The entries are ``reward`` and the optional ``done``, ``is_init`` and ``traj`` (``None``
         when absent). Whether the rewards are finite is checked by :class:`_Segments`.
@@ -511,8 +517,12 @@ class HippoWriter(Writer):
                 "transition."
             )
 
+        # One walk over the entries serves every lookup (and, see ``_column_pairs``, the
+        # check of the entries against the stored columns).
+        leaves = dict(data.items(True, True))
+
         def leaf(key: NestedKey) -> torch.Tensor | None:
-            value = data.get(key, None)
+            value = leaves.get(unravel_key(key))
             return value if isinstance(value, torch.Tensor) else None
 
         obs, action = leaf(self.observation_key), leaf(self.action_key)
@@ -585,7 +595,7 @@ class HippoWriter(Writer):
             "is_init": is_init,
             "traj": traj,
         }
-        return flat, shape, entries
+        return flat, shape, entries, leaves
 
     def _apply_segmenter(
         self,
@@ -598,7 +608,7 @@ class HippoWriter(Writer):
     ) -> tuple[_Segments, _Stitch]:
         """Asks :attr:`segmenter` for further episode starts; re-segments if it gives any."""
         n = seq.n
-        base_step = stitch.per_segment(self._open.get("step"), 0)
+        base_step = stitch.per_segment(self._open_columns()["step"], 0)
         origin = seq.first if base_step is None else seq.first - base_step
         step = _arange(n, device) - seq.per_row(origin)
         if seq.key is None:
@@ -621,7 +631,15 @@ class HippoWriter(Writer):
         if not bool(extra.any()):
             return seq, stitch
         seq = _Segments(entries, shape, device, extra_starts=extra)
-        return seq, seq.match(self._open.get("key"))
+        return seq, seq.match(self._open_columns()["key"])
+
+    def _open_columns(self) -> dict[str, Any]:
+        """The open episodes' entries by name, for the TensorDict the storage holds now."""
+        open_ = self._open
+        cache = self.__dict__.get("_open_cache")
+        if cache is None or cache[0] is not open_:
+            cache = self.__dict__["_open_cache"] = (open_, dict(open_.items()))
+        return cache[1]
 
     def _ensure_open(self, flat: TensorDictBase, window: int, device: torch.device) -> None:
         if self._open is None:
@@ -663,7 +681,7 @@ class HippoWriter(Writer):
     def _window_index(self, seq, stitch, window, open_, device):
         """Rows of the pools (see :meth:`_pools`) making up each row's window, and its mask."""
         n = seq.n
-        k = open_.shape[0]
+        k = open_["key"].shape[0]
         offset = _arange(n, device) - seq.first[seq.seg]
         back = torch.arange(window - 1, -1, -1, device=device)[None, :]
         off = offset[:, None]
@@ -678,7 +696,7 @@ class HippoWriter(Writer):
         oidx = seg_oidx[seq.seg][:, None]
         tail_pos = (window - 1) - (back - off)
         tail_pos_c = tail_pos.clamp(0, window - 2)
-        ctx_ok = stitched & ~in_batch & open_["tail", "mask"][oidx, tail_pos_c]
+        ctx_ok = stitched & ~in_batch & open_["tail"].get("mask")[oidx, tail_pos_c]
         ctx_src = n + oidx * (window - 1) + tail_pos_c
         idx = torch.where(in_batch, src, torch.where(ctx_ok, ctx_src, zero_row))
         return idx, in_batch | ctx_ok
@@ -721,7 +739,7 @@ class HippoWriter(Writer):
         dev = storage.table_device
         if self.forgetting == "fifo":
             start = self._cursor
-            rows = _arange(n_write, dev) + start
+            rows = torch.arange(start, start + n_write, device=dev)
             if start + n_write > capacity:
                 rows %= capacity
             self._cursor = (start + n_write) % capacity
@@ -755,7 +773,12 @@ class HippoWriter(Writer):
         columns = dict(store.items(True, True))
         if not all(isinstance(column, torch.Tensor) for column in columns.values()):
             return None
-        self.__dict__["_columns_cache"] = (store, columns)
+        # The "hippo" columns computed in place (see _hippo_columns): all of them, with the
+        # writer's dtypes, or none.
+        hippo = [(name, columns.get(("hippo", name))) for name in _HIPPO_DTYPES]
+        if any(c is None or c.dtype != _HIPPO_DTYPES[name] for name, c in hippo):
+            hippo = []
+        self.__dict__["_columns_cache"] = (store, columns, hippo)
         return columns
 
     def _hippo_columns(self, storage: HippoStorage, start: int, n: int) -> dict[str, torch.Tensor]:
@@ -764,21 +787,15 @@ class HippoWriter(Writer):
         Empty unless the storage holds them all with the writer's dtypes (so not before the
         first write), in which case :meth:`_write_rows` would write them the same way.
         """
-        columns = self._store_columns(storage)
-        if columns is None:
+        if self._store_columns(storage) is None:
             return {}
-        cols = {}
-        for name, dtype in _HIPPO_DTYPES.items():
-            column = columns.get(("hippo", name))
-            if column is None or column.dtype != dtype:
-                return {}
-            cols[name] = column[start : start + n]
-        return cols
+        return {name: column[start : start + n] for name, column in self._columns_cache[2]}
 
     def _column_pairs(
-        self, storage: HippoStorage, flat: TensorDictBase
+        self, storage: HippoStorage, flat: TensorDictBase, leaves: dict | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """The (stored column, batch value) of each entry of the batch, but ``"hippo"``.
+        """The (stored column, batch value) of each entry of the batch, but ``"hippo"``
+        (``leaves``: the batch's leaves by key, if already at hand).
 
         Raises ``ValueError`` naming the entry when a value cannot be written into the column
         that holds it (another per-transition shape, or integers into floats and the other way
@@ -791,7 +808,7 @@ class HippoWriter(Writer):
         pairs = []
         complete = True
         batch_dims = len(flat.batch_size)
-        for key, value in flat.items(True, True):
+        for key, value in (flat.items(True, True) if leaves is None else leaves.items()):
             if key == "hippo" or (isinstance(key, tuple) and key[0] == "hippo"):
                 continue
             column = columns.get(key)
@@ -948,7 +965,7 @@ class HippoWriter(Writer):
         storage: HippoStorage,
     ) -> None:
         """Drops the open episodes that ended or were continued, adds this batch's running ones."""
-        open_ = self._open
+        open_ = self._open_columns()
         still = seq.still_open()
         last = _select(seq.last, still)
         new = {
@@ -963,16 +980,14 @@ class HippoWriter(Writer):
             tail = pools[win_idx[last, 1:]]
             tail.set("mask", win_mask[last, 1:])
             new["tail"] = tail
-        size = open_.shape[0]
+        size = open_["key"].shape[0]
         if stitch.ended.numel() == size:
             merged = new
         else:
-            keep = torch.ones(size, dtype=torch.bool, device=open_.device)
+            keep = torch.ones(size, dtype=torch.bool, device=last.device)
             keep[stitch.ended] = False
             keep = keep.nonzero().squeeze(1)
-            merged = {
-                name: torch.cat([open_.get(name)[keep], value]) for name, value in new.items()
-            }
+            merged = {name: torch.cat([open_[name][keep], value]) for name, value in new.items()}
         size = merged["key"].shape[0]
         excess = size - self.max_open_episodes
         if excess > 0:
@@ -982,7 +997,10 @@ class HippoWriter(Writer):
             storage.release_slots(dropped[table_rows == 0])
             merged = {name: value[excess:] for name, value in merged.items()}
             size -= excess
-        self._open = TensorDict._new_unsafe(merged, batch_size=[size], device=open_.device)
+        device = merged["key"].device
+        table = TensorDict._new_unsafe(merged, batch_size=[size], device=device)
+        self._open = table
+        self.__dict__["_open_cache"] = (table, merged)
 
     # ------------------------------------------------------------------ contract
     def _empty(self, empty_write_count: bool = True) -> None:
@@ -1099,10 +1117,15 @@ class _Segments:
 
         def flat(name: str, dtype: torch.dtype) -> torch.Tensor | None:
             value = entries[name]
-            return None if value is None else value.reshape(n).to(device=device, dtype=dtype)
+            if value is None:
+                return None
+            value = value.reshape(n)
+            if value.dtype is dtype and value.device == device:
+                return value
+            return value.to(device=device, dtype=dtype)
 
         done, is_init = flat("done", torch.bool), flat("is_init", torch.bool)
-        reward, key = flat("reward", torch.float64), flat("traj", torch.int64)
+        reward, key = flat("reward", entries["reward"].dtype), flat("traj", torch.int64)
         self.order = None
         if key is not None and len(shape) == 1 and n > 1 and bool((key[1:] < key[:-1]).any()):
             self.order = torch.argsort(key, stable=True)
@@ -1135,7 +1158,7 @@ class _Segments:
         self._seg = bound[:n].cumsum(0)
         self._seg -= 1
         self.reward = reward
-        self.csum = torch.cumsum(reward, 0)
+        self.csum = torch.cumsum(reward, 0, dtype=torch.float64)
         # The total is finite iff every reward is (a float64 sum of float32s cannot overflow).
         self.finite = math.isfinite(self.csum[-1])
         self._is_init = is_init
@@ -1178,9 +1201,9 @@ class _Segments:
 
     def keys(self, index: torch.Tensor | slice) -> torch.Tensor:
         """The streams of the segments ``index``."""
-        if self.key is None:
+        if self.key is None:  # one stream, key 0: at most one segment stays open
             size = index.stop - index.start if isinstance(index, slice) else index.shape[0]
-            return torch.zeros(size, dtype=torch.int64, device=self.first.device)
+            return _constants(self.first.device).zero_index[:size]
         return _select(self.key, index)
 
     def match(self, open_keys: torch.Tensor) -> _Stitch:
@@ -1291,6 +1314,7 @@ class _Constants:
         self.device = device
         self.true = torch.ones(1, dtype=torch.bool, device=device)
         self.no_index = torch.zeros(0, dtype=torch.int64, device=device)
+        self.zero_index = torch.zeros(1, dtype=torch.int64, device=device)
         self.arange = torch.arange(1024, device=device)
 
 
