@@ -177,6 +177,31 @@ def test_episode_table_fields():
     assert repr(rb.storage).startswith("HippoStorage(max_size=50, len=10, episodes=2")
 
 
+def test_rows_waiting_for_their_key_never_show_the_key_they_replaced():
+    """A deferred write leaves the key column alone: reads give those rows a zero key, and
+    searches skip them (or encode them first)."""
+    from torchrl_hippo import memory_query
+
+    rb = make_buffer(6, defer_keys=True, mixture_ratio=0.0, batch_size=64)
+    rb.extend(make_episodes([6]))
+    rb.storage.encode_pending()
+    replaced = rb.storage.keys[:3].clone()
+    rb.extend(make_episodes([3], seed=1))  # rows 0..2 again, keys deferred
+    torch.manual_seed(0)
+    batch = rb.sample()  # uniform draws read rows through HippoStorage.get
+    pending = batch["hippo", "key_version"] == -1
+    assert pending.any() and (~pending).any()
+    assert (batch["hippo", "key"][pending] == 0).all()
+    assert (batch["hippo", "key"][~pending].norm(dim=-1) > 0.99).all()
+    found = memory_query(rb, replaced, k=3, encode_pending=False)
+    assert not set(found["index"].flatten().tolist()) & {0, 1, 2}
+    assert rb.storage.has_pending_keys
+    found = memory_query(rb, replaced, k=3)  # encodes them first
+    assert not rb.storage.has_pending_keys
+    assert (rb.storage.get(torch.arange(3))["hippo", "key_version"] >= 0).all()
+    assert found["hippo", "key"].norm(dim=-1).gt(0.99).all()
+
+
 def _dead_slots(table):
     return ((table["id"] >= 0) & (table["rows"] == 0) & table["done"]).nonzero().squeeze(1)
 

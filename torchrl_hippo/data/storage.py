@@ -191,6 +191,11 @@ class HippoStorage(LazyTensorStorage):
         self._cv[:] = 0
         self._cv[keep] = kept
 
+    def __len__(self) -> int:
+        # TorchRL wraps its own in ``torch.compiler.disable``, a few microseconds a call, and
+        # the writer and sampler ask on every call; this storage is not meant to be compiled.
+        return self._len
+
     @property
     def episodes(self) -> TensorDict | None:
         """The episode table, one row per slot (``None`` before the first write)."""
