@@ -45,9 +45,9 @@ Commands (from the repository root)::
     python3 benchmarks/bench_sampler.py --threads 2         # the full run: 1M transitions
     python3 benchmarks/bench_sampler.py --device cuda       # the same on a GPU
 
-On a small machine shared with other processes, multi-threaded timings of these tiny ops are
-dominated by threads waiting on each other; ``--threads 1`` gives steadier numbers (the
-results directory also holds such a run, ``bench_sampler_cpu-2core_threads1.json``).
+On a small machine shared with other processes these sub-millisecond timings vary by 10-20%
+from run to run: every figure is the median of ``--repeats`` interleaved blocks (15 by
+default), and ``--threads 1`` gives steadier numbers still.
 """
 
 from __future__ import annotations
@@ -510,7 +510,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-batch", type=int, default=1000, help="rows per extend when timing")
     p.add_argument("--write-calls", type=int, default=20, help="extends per timed repeat")
     p.add_argument("--sample-calls", type=int, default=200, help="sample calls per timed repeat")
-    p.add_argument("--repeats", type=int, default=7, help="timed repeats (median reported)")
+    p.add_argument("--repeats", type=int, default=15, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up calls")
     p.add_argument("--refresh-repeats", type=int, default=15)
     p.add_argument("--warmup-refresh", type=int, default=2)

@@ -37,7 +37,7 @@ _TABLE_FIELDS: dict[str, torch.dtype] = {
 }
 _MIN_TABLE = 256
 #: Writes between two bulk recyclings of episode-table slots (see ``reclaim_slots``).
-_RECLAIM_EVERY = 64
+_RECLAIM_EVERY = 256
 
 #: The bookkeeping integers, held in one int64 tensor so that processes sharing the storage
 #: (see :meth:`HippoStorage.share_memory_`) see the same values. Positions in that tensor.
