@@ -515,6 +515,8 @@ def test_what_the_memory_keeps_is_plain_tensors(defer_keys):
     kept = [*storage._storage.values(True, True), *storage.episodes.values()]
     kept += [storage.row_slot, storage._free_slots, storage._free_rows]
     assert not [t for t in kept if t.is_inference()]
+    state = rb.writer.state_dict()["open"]
+    assert not [t for t in state.values() if isinstance(t, torch.Tensor) and t.is_inference()]
     # In-place work outside inference mode goes through.
     storage.encode_pending()
     storage.refresh_keys(torch.arange(10))

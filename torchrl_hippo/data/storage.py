@@ -653,6 +653,8 @@ class HippoStorage(LazyTensorStorage):
     def open_episodes(self) -> TensorDict | None:
         """The episodes still running, as their writer left them (``None`` before any write).
 
+        The writer builds this table in inference mode: read it, or ``clone()`` it to change it.
+
         In a shared memory this is read from the shared copy whenever another process has
         written since this one last looked.
         """

@@ -1042,7 +1042,7 @@ class HippoWriter(Writer):
         return {
             "cursor": self._cursor,
             "write_count": self._write_count,
-            "open": None if self._open is None else self._open.state_dict(),
+            "open": None if self._open is None else self._open.clone().state_dict(),
             "segmenter": self._segmenter_state(),
         }
 
