@@ -598,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     del hippo, rand, noenc
     gc.collect()
     t_a, t_b, t_rr, t_enc = (
-        w[k]["s_per_row"] for k in ("hippo_encode", "hippo_noencode", "roundrobin", "encoder_forward")
+        w[k]["s_per_row"]
+        for k in ("hippo_encode", "hippo_noencode", "roundrobin", "encoder_forward")
     )
     w["batch_rows"] = args.write_batch
     w["noencode_ratio"] = t_rr / t_b
@@ -761,9 +762,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     print()
-    print(f"batch={b}, mixture_ratio={args.mixture_ratio}, top_k={args.top_k}; "
-          "reference = RandomSampler / TensorDictRoundRobinWriter on LazyTensorStorage; "
-          "ratio = hippo throughput / reference throughput (2.: time / time)")
+    print(
+        f"batch={b}, mixture_ratio={args.mixture_ratio}, top_k={args.top_k}; "
+        "reference = RandomSampler / TensorDictRoundRobinWriter on LazyTensorStorage; "
+        "ratio = hippo throughput / reference throughput (2.: time / time)"
+    )
     _print_table(rows)
 
     results["metadata"] = {
@@ -795,8 +798,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output or RESULTS_DIR / f"bench_sampler_{device_name}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"\npeak RSS {results['metadata']['peak_rss_gb']:.2f} GB, "
-          f"wall {results['metadata']['wall_s']:.0f} s; wrote {out}")
+    print(
+        f"\npeak RSS {results['metadata']['peak_rss_gb']:.2f} GB, "
+        f"wall {results['metadata']['wall_s']:.0f} s; wrote {out}"
+    )
     return 0
 
 
