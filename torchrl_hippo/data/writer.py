@@ -351,7 +351,7 @@ class HippoWriter(Writer):
             # sees a zero key for them (see HippoStorage.get), never the key of the
             # transition they replace. Their key column is written only to create it.
             keys = None
-            if pairs is None:
+            if pairs is None or HIPPO_KEYS["key"] not in self._store_columns(storage):
                 keys = torch.zeros((), dtype=storage.key_dtype, device=dev).expand(
                     n_write, self.encoder.embed_dim
                 )
