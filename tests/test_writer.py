@@ -525,6 +525,32 @@ def test_what_the_memory_keeps_is_plain_tensors(defer_keys):
     assert not storage._storage.get("extra").is_inference()
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(forgetting="lru"), ValueError, "forgetting must be one of"),
+        (dict(eviction_weights={"age": 1.0}), ValueError, "unknown entries"),
+        (dict(eviction_weights={"return": -1.0}), ValueError, "finite and >= 0"),
+        (dict(evict_fraction=1.5), ValueError, "evict_fraction must be in"),
+        (dict(encode_chunk=0), ValueError, "encode_chunk must be a positive int"),
+        (dict(encode_chunk=2.5), TypeError, "encode_chunk must be an int"),
+        (dict(max_open_episodes=True), TypeError, "max_open_episodes must be an int"),
+        (dict(done_key=("next", 1)), TypeError, "done_key must be a NestedKey"),
+        (dict(traj_key=3), TypeError, "traj_key must be a NestedKey"),
+        (dict(is_init_key=None), TypeError, "is_init_key must be a NestedKey"),
+        (dict(segmenter=3), TypeError, "segmenter must be callable"),
+    ],
+)
+def test_bad_writer_arguments_are_named(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        HippoWriter(make_buffer(8).writer.encoder, **kwargs)
+
+
+def test_writer_keys_are_normalised():
+    writer = HippoWriter(make_buffer(8).writer.encoder, done_key=("done",))
+    assert writer.done_key == "done"
+
+
 def test_td_without_is_init_or_traj():
     data = make_episodes([4, 4]).exclude("is_init")
     rb = make_buffer(20)

@@ -38,8 +38,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
-from tensordict import NestedKey, TensorDictBase, unravel_key
+from tensordict import NestedKey, TensorDictBase
 from torchrl.envs.transforms import Compose, Transform
+
+from torchrl_hippo._checks import as_nested_key
 
 __all__ = ["WorkerTrajIds", "call_in_buffer", "worker_collector_kwargs"]
 
@@ -61,15 +63,6 @@ def _check_index(value: int, name: str, upper: int) -> int:
     if not 0 <= value < upper:
         raise ValueError(f"{name} must lie in [0, {upper}), got {value}.")
     return value
-
-
-def _check_key(value: NestedKey, name: str) -> NestedKey:
-    try:
-        return unravel_key(value)
-    except Exception as err:
-        raise TypeError(
-            f"{name} must be a NestedKey (str or tuple of str), got {value!r}."
-        ) from err
 
 
 class WorkerTrajIds(Transform):
@@ -125,8 +118,8 @@ class WorkerTrajIds(Transform):
         bits = _check_index(bits, "bits", 63)
         if bits == 0:
             raise ValueError("bits must lie in [1, 62], got 0.")
-        traj_key = _check_key(traj_key, "traj_key")
-        worker_key = None if worker_key is None else _check_key(worker_key, "worker_key")
+        traj_key = as_nested_key(traj_key, "traj_key")
+        worker_key = None if worker_key is None else as_nested_key(worker_key, "worker_key")
         out_keys = [traj_key] if worker_key is None else [traj_key, worker_key]
         super().__init__(in_keys=[traj_key], out_keys=out_keys)
         self.worker_id = _check_index(worker_id, "worker_id", 2 ** (63 - bits))

@@ -52,6 +52,8 @@ from typing import Any
 import torch
 from tensordict import NestedKey, TensorDictBase
 
+from torchrl_hippo._checks import as_nested_key
+
 __all__ = [
     "ChangePointSegmenter",
     "FixedWindowSegmenter",
@@ -325,10 +327,7 @@ class ChangePointSegmenter(Segmenter):
         p: float = 2.0,
         max_streams: int = 4096,
     ) -> None:
-        if not isinstance(key, (str, tuple)) or (
-            isinstance(key, tuple) and not all(isinstance(part, str) for part in key)
-        ):
-            raise TypeError(f"key must be a NestedKey (str or tuple of str), got {key!r}.")
+        key = as_nested_key(key, "key")
         if isinstance(k, bool) or not isinstance(k, (int, float)) or math.isnan(k) or k < 0:
             raise ValueError(f"k must be a number >= 0 (inf allowed), got {k!r}.")
         self.key = key

@@ -11,6 +11,7 @@ import torch
 from tensordict import NestedKey, TensorDict, TensorDictBase, unravel_key
 from torchrl.data.replay_buffers.writers import Writer
 
+from torchrl_hippo._checks import as_nested_key, check_positive_int
 from torchrl_hippo.data.sampler import HippoSampler
 from torchrl_hippo.data.storage import _C, HIPPO_KEYS, HippoStorage
 
@@ -161,10 +162,8 @@ class HippoWriter(Writer):
             raise ValueError(f"eviction_weights must be finite and >= 0, got {weights}.")
         if not 0.0 <= evict_fraction <= 1.0:
             raise ValueError(f"evict_fraction must be in [0, 1], got {evict_fraction}.")
-        if encode_chunk < 1:
-            raise ValueError(f"encode_chunk must be >= 1, got {encode_chunk}.")
-        if max_open_episodes < 1:
-            raise ValueError(f"max_open_episodes must be >= 1, got {max_open_episodes}.")
+        check_positive_int(encode_chunk, "encode_chunk")
+        check_positive_int(max_open_episodes, "max_open_episodes")
         if segmenter is not None and not callable(segmenter):
             raise TypeError(
                 f"segmenter must be callable (data, step, stream) -> starts, got "
@@ -175,9 +174,9 @@ class HippoWriter(Writer):
         self.eviction_weights = {k: float(weights.get(k, 0.0)) for k in _DEFAULT_EVICTION_WEIGHTS}
         self.evict_fraction = float(evict_fraction)
         self.encode_chunk = int(encode_chunk)
-        self.done_key = done_key
-        self.traj_key = traj_key
-        self.is_init_key = is_init_key
+        self.done_key = as_nested_key(done_key, "done_key")
+        self.traj_key = as_nested_key(traj_key, "traj_key")
+        self.is_init_key = as_nested_key(is_init_key, "is_init_key")
         self.max_open_episodes = int(max_open_episodes)
         self.defer_keys = bool(defer_keys)
         self.segmenter = segmenter

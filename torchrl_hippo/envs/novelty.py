@@ -18,13 +18,14 @@ import numbers
 from collections.abc import Callable, Sequence
 
 import torch
-from tensordict import TensorDictBase, unravel_key
+from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torch import Tensor, nn
 from torchrl.data.tensor_specs import Composite, Unbounded
 from torchrl.envs.transforms import RunningMeanStd, Transform
 
+from torchrl_hippo._checks import as_nested_key
 from torchrl_hippo.data.storage import HIPPO_KEYS, HippoStorage
 from torchrl_hippo.envs._utils import check_choice, check_float, check_int
 from torchrl_hippo.modules.encoder import DualEncoder
@@ -36,15 +37,6 @@ __all__ = ["EpisodicNovelty"]
 # so a call costs (group size) x (group's rows); groups bound that at 32 x rows.
 _ENV_GROUP = 32
 _KERNELS = ("inverse", "gaussian")
-
-
-def _as_key(name: str, value: object) -> NestedKey:
-    try:
-        return unravel_key(value)
-    except Exception as err:
-        raise TypeError(
-            f"{name} must be a NestedKey (str or tuple of str), got {value!r}."
-        ) from err
 
 
 class EpisodicNovelty(Transform):
@@ -225,9 +217,9 @@ class EpisodicNovelty(Transform):
             in_keys = ["observation"]
         elif isinstance(in_keys, (str, tuple)) or len(in_keys) != 1:
             raise ValueError(f"in_keys must be a list of one NestedKey, got {in_keys!r}.")
-        in_keys = [_as_key("in_keys[i]", key) for key in in_keys]
-        self.reward_key = _as_key("reward_key", reward_key)
-        self.out_key = None if out_key is None else _as_key("out_key", out_key)
+        in_keys = [as_nested_key(key, "in_keys[i]") for key in in_keys]
+        self.reward_key = as_nested_key(reward_key, "reward_key")
+        self.out_key = None if out_key is None else as_nested_key(out_key, "out_key")
         if self.out_key is not None and self.out_key == self.reward_key:
             raise ValueError(
                 f"out_key must differ from reward_key {self.reward_key!r}; pass out_key=None to "

@@ -13,6 +13,7 @@ from torchrl.data import Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase, Transform
 from torchrl.envs.transforms.utils import _get_reset
 
+from torchrl_hippo._checks import as_nested_key
 from torchrl_hippo.query import _as_storage, _eval_mode, _search_memory
 
 __all__ = ["MemoryRetrieval"]
@@ -148,10 +149,7 @@ class MemoryRetrieval(Transform):
             ("reward_key", reward_key),
             ("out_key", out_key),
         ):
-            try:
-                keys[name] = unravel_key(value)
-            except Exception as err:
-                raise TypeError(f"{name} must be a NestedKey, got {value!r}.") from err
+            keys[name] = as_nested_key(value, name)
         out = keys["out_key"]
         out = out if isinstance(out, tuple) else (out,)
         if out[0] == "hippo":

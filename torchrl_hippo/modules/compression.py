@@ -15,15 +15,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from torchrl_hippo._checks import check_positive_int
+
 __all__ = ["BufferVAE", "ELBOTerms"]
-
-
-def _check_positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int (>= 1), got {value}.")
-    return value
 
 
 def _check_positive_float(value: float, name: str) -> float:
@@ -113,10 +107,10 @@ class BufferVAE(nn.Module):
         beta_bounds: tuple[float, float] = (1e-3, 10.0),
     ) -> None:
         super().__init__()
-        self.slots = _check_positive_int(slots, "slots")
-        self.embed_dim = _check_positive_int(embed_dim, "embed_dim")
-        self.latent_dim = _check_positive_int(latent_dim, "latent_dim")
-        self.hidden_dim = _check_positive_int(hidden_dim, "hidden_dim")
+        self.slots = check_positive_int(slots, "slots")
+        self.embed_dim = check_positive_int(embed_dim, "embed_dim")
+        self.latent_dim = check_positive_int(latent_dim, "latent_dim")
+        self.hidden_dim = check_positive_int(hidden_dim, "hidden_dim")
         beta = _check_positive_float(beta, "beta")
         self.target_error = _check_positive_float(target_error, "target_error")
         self.beta_rate = _check_positive_float(beta_rate, "beta_rate")

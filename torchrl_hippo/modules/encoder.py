@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tensordict import TensorDictBase, unravel_key
+from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torch import Tensor, nn
+
+from torchrl_hippo._checks import as_nested_key, check_positive_int
 
 __all__ = ["DualEncoder"]
 
@@ -27,14 +29,6 @@ _KEY_NAMES = ("observation", "action", "reward", "mask", "key")
 def _symlog(x: Tensor) -> Tensor:
     """``sign(x) * log(1 + |x|)``: compresses large rewards, keeps small ones almost unchanged."""
     return torch.sign(x) * torch.log1p(x.abs())
-
-
-def _check_positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int (>= 1), got {value}.")
-    return value
 
 
 def _check_momentum(value: float, name: str = "momentum") -> float:
@@ -239,11 +233,11 @@ class DualEncoder(TensorDictModuleBase):
         out_key: NestedKey = ("hippo", "key"),
     ) -> None:
         super().__init__()
-        self.observation_dim = _check_positive_int(observation_dim, "observation_dim")
-        self.action_dim = _check_positive_int(action_dim, "action_dim")
-        self.embed_dim = _check_positive_int(embed_dim, "embed_dim")
-        self.window = _check_positive_int(window, "window")
-        self.hidden_dim = _check_positive_int(hidden_dim, "hidden_dim")
+        self.observation_dim = check_positive_int(observation_dim, "observation_dim")
+        self.action_dim = check_positive_int(action_dim, "action_dim")
+        self.embed_dim = check_positive_int(embed_dim, "embed_dim")
+        self.window = check_positive_int(window, "window")
+        self.hidden_dim = check_positive_int(hidden_dim, "hidden_dim")
         self.momentum = _check_momentum(momentum)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
             raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__}.")
@@ -306,12 +300,7 @@ class DualEncoder(TensorDictModuleBase):
                 f"set_keys got unknown key name(s) {unknown}; expected some of {list(_KEY_NAMES)}."
             )
         for name, value in kwargs.items():
-            try:
-                self._keys[name] = unravel_key(value)
-            except Exception as err:
-                raise TypeError(
-                    f"set_keys: {name} must be a NestedKey (str or tuple of str), got {value!r}."
-                ) from err
+            self._keys[name] = as_nested_key(value, f"set_keys: {name}")
         if all(name in self._keys for name in _KEY_NAMES):
             self.in_keys = [self._keys[name] for name in _KEY_NAMES[:-1]]
             self.out_keys = [self._keys["key"]]

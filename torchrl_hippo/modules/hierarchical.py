@@ -25,6 +25,7 @@ from torchrl.envs import TensorDictPrimer
 from torchrl.modules import recurrent_mode as _global_recurrent_mode
 from torchrl.objectives import LossModule
 
+from torchrl_hippo._checks import as_nested_key, check_positive_int
 from torchrl_hippo.modules.compression import BufferVAE
 
 __all__ = ["HierarchicalMemory", "MemoryELBOLoss"]
@@ -45,14 +46,6 @@ _REPLACEMENTS = ("usage", "oldest")
 _LEVELS = ("immediate", "short_term", "long_term")
 
 
-def _check_positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int (>= 1), got {value}.")
-    return value
-
-
 def _check_fraction(value: float, name: str, *, closed: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}.")
@@ -61,15 +54,6 @@ def _check_fraction(value: float, name: str, *, closed: bool) -> float:
         interval = "(0, 1]" if closed else "[0, 1)"
         raise ValueError(f"{name} must lie in {interval}, got {value}.")
     return value
-
-
-def _as_key(value: NestedKey, name: str) -> NestedKey:
-    try:
-        return unravel_key(value)
-    except Exception as err:
-        raise TypeError(
-            f"{name} must be a NestedKey (str or tuple of str), got {value!r}."
-        ) from err
 
 
 def _tuple(key: NestedKey) -> tuple[str, ...]:
@@ -243,12 +227,12 @@ class HierarchicalMemory(TensorDictModuleBase):
         default_recurrent_mode: bool | None = None,
     ) -> None:
         super().__init__()
-        self.embed_dim = _check_positive_int(embed_dim, "embed_dim")
-        self.immediate_slots = _check_positive_int(immediate_slots, "immediate_slots")
-        self.short_term_slots = _check_positive_int(short_term_slots, "short_term_slots")
-        self.long_term_slots = _check_positive_int(long_term_slots, "long_term_slots")
+        self.embed_dim = check_positive_int(embed_dim, "embed_dim")
+        self.immediate_slots = check_positive_int(immediate_slots, "immediate_slots")
+        self.short_term_slots = check_positive_int(short_term_slots, "short_term_slots")
+        self.long_term_slots = check_positive_int(long_term_slots, "long_term_slots")
         if compression is None:
-            latent_dim = 32 if latent_dim is None else _check_positive_int(latent_dim, "latent_dim")
+            latent_dim = 32 if latent_dim is None else check_positive_int(latent_dim, "latent_dim")
             compression = BufferVAE(self.immediate_slots, self.embed_dim, latent_dim)
         elif not isinstance(compression, BufferVAE):
             raise TypeError(
@@ -270,7 +254,7 @@ class HierarchicalMemory(TensorDictModuleBase):
         self.attention_dim = (
             self.embed_dim
             if attention_dim is None
-            else _check_positive_int(attention_dim, "attention_dim")
+            else check_positive_int(attention_dim, "attention_dim")
         )
         if replacement not in _REPLACEMENTS:
             raise ValueError(f"replacement must be one of {_REPLACEMENTS}, got {replacement!r}.")
@@ -333,7 +317,7 @@ class HierarchicalMemory(TensorDictModuleBase):
             )
         keys = dict(self._keys)
         for name, value in kwargs.items():
-            keys[name] = _as_key(value, f"set_keys: {name}")
+            keys[name] = as_nested_key(value, f"set_keys: {name}")
         state = _tuple(keys["state"])
         taken = {state, *((*state, entry) for entry in _STATE_NAMES)}
         for name in ("embed", "readout", "is_init"):
