@@ -32,6 +32,9 @@ median of ``--repeats`` repeats; PASS/FAIL against the targets):
    ``t_row(a) / (t_row(encoder forward) + t_row(round-robin))`` <= 1.5.
 5. **Flatness**: 1 (``sampler.sample`` only) and 4(b) again at 10k, 100k and ``--size``
    transitions (``--quick``: 10k and 50k), to show these costs do not grow with the memory.
+6. **Collector batch size**: 4(b) and round-robin again, in the same full memories, with
+   ``--write-batches`` rows per ``extend`` (256, 1000 and 4096; about 20k rows per timed block),
+   to show which part of the writer's cost is per call and which per row.
 
 It prints a table and writes ``benchmarks/results/bench_sampler_<device-name>.json`` (device
 name ``cpu-<n>core`` or the CUDA device's name; ``--quick`` adds ``_quick``) with the measured
@@ -509,6 +512,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=50_000, help="rows per extend while filling")
     p.add_argument("--write-batch", type=int, default=1000, help="rows per extend when timing")
     p.add_argument("--write-calls", type=int, default=20, help="extends per timed repeat")
+    p.add_argument(
+        "--write-batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="rows per extend of the batch-size sweep (default 256 1000 4096; --quick: 1000)",
+    )
     p.add_argument("--sample-calls", type=int, default=200, help="sample calls per timed repeat")
     p.add_argument("--repeats", type=int, default=15, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up calls")
@@ -542,6 +552,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.flat_sizes = [10_000, 50_000]
     if args.flat_sizes is None:
         args.flat_sizes = sorted({s for s in (10_000, 100_000) if s < args.size} | {args.size})
+    if args.write_batches is None:
+        args.write_batches = [args.write_batch] if args.quick else [256, 1000, 4096]
+    args.write_batches = sorted(set(args.write_batches))
     args.flat_sizes = sorted(set(args.flat_sizes))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available.")
@@ -595,8 +608,6 @@ def main(argv: list[str] | None = None) -> int:
         {"hippo_encode": hippo, "hippo_noencode": noenc, "roundrobin": rand},
         encoder,
     )
-    del hippo, rand, noenc
-    gc.collect()
     t_a, t_b, t_rr, t_enc = (
         w[k]["s_per_row"]
         for k in ("hippo_encode", "hippo_noencode", "roundrobin", "encoder_forward")
@@ -606,6 +617,32 @@ def main(argv: list[str] | None = None) -> int:
     w["encode_overhead"] = t_a / (t_enc + t_rr)
     results["writer"] = w
     print("4. writers done")
+
+    # ---- 6. the collector's batch size (same memories; step 5 builds its own)
+    by_batch = {}
+    for rows in args.write_batches:
+        if rows == args.write_batch:
+            by_batch[rows] = {
+                "writer_noencode_s_per_row": t_b,
+                "roundrobin_s_per_row": t_rr,
+                "from_main_run": True,
+            }
+            continue
+        calls = max(5, round(args.write_calls * args.write_batch / rows))
+        sweep_args = argparse.Namespace(**{**vars(args), "write_batch": rows, "write_calls": calls})
+        ws = measure_writers(
+            sweep_args, args.size, {"hippo_noencode": noenc, "roundrobin": rand}, None
+        )
+        by_batch[rows] = {
+            "writer_noencode_s_per_row": ws["hippo_noencode"]["s_per_row"],
+            "roundrobin_s_per_row": ws["roundrobin"]["s_per_row"],
+            "calls_per_repeat": calls,
+            "from_main_run": False,
+        }
+        print(f"6. extend({rows}) done")
+    results["writer_by_batch"] = {str(k): v for k, v in by_batch.items()}
+    del hippo, rand, noenc
+    gc.collect()
 
     # ---- 5. flatness
     flat = {}
@@ -650,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         return "PASS" if targets[name]["pass"] else "FAIL"
 
     b = args.batch
-    rows = [
+    rows_table = [
         (
             "1. rb.sample() [samples/s]",
             _fmt_rate(samp["hippo_rb_sample"]["samples_per_s"]),
@@ -741,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     ]
     for size, f in flat.items():
-        rows.append(
+        rows_table.append(
             (
                 f"5. size {size:>9,}: sampler.sample only [per call]",
                 _fmt_time(f["sampler_sample_hippo_s"]),
@@ -751,12 +788,24 @@ def main(argv: list[str] | None = None) -> int:
                 "",
             )
         )
-        rows.append(
+        rows_table.append(
             (
                 f"5. size {size:>9,}: writer defer_keys [us/row]",
                 f"{f['writer_noencode_s_per_row'] * 1e6:.2f}",
                 f"{f['roundrobin_s_per_row'] * 1e6:.2f}",
                 f"{f['roundrobin_s_per_row'] / f['writer_noencode_s_per_row']:.3f}",
+                "",
+                "",
+            )
+        )
+    for rows, f in by_batch.items():
+        hippo_s, rr_s = f["writer_noencode_s_per_row"], f["roundrobin_s_per_row"]
+        rows_table.append(
+            (
+                f"6. extend({rows:>5}) defer_keys [us/row; us/call]",
+                f"{hippo_s * 1e6:.2f}; {hippo_s * rows * 1e6:.0f}",
+                f"{rr_s * 1e6:.2f}; {rr_s * rows * 1e6:.0f}",
+                f"{rr_s / hippo_s:.3f}",
                 "",
                 "",
             )
@@ -767,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference = RandomSampler / TensorDictRoundRobinWriter on LazyTensorStorage; "
         "ratio = hippo throughput / reference throughput (2.: time / time)"
     )
-    _print_table(rows)
+    _print_table(rows_table)
 
     results["metadata"] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

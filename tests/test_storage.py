@@ -206,8 +206,7 @@ def _dead_slots(table):
     return ((table["id"] >= 0) & (table["rows"] == 0) & table["done"]).nonzero().squeeze(1)
 
 
-@pytest.mark.parametrize("everywhere", [False, True])
-def test_overwritten_episodes_are_reclaimed_in_bulk(everywhere):
+def test_overwritten_episodes_are_reclaimed_in_bulk():
     """Slots of episodes whose rows were all overwritten wait (as dead slots, read as no
     episode) until reclaimed; reclaiming frees exactly them."""
     rb = make_buffer(10)
@@ -219,9 +218,7 @@ def test_overwritten_episodes_are_reclaimed_in_bulk(everywhere):
     assert sorted(table["id"][dead].tolist()) == [0, 1]
     assert storage.num_episodes == 3  # dead slots are no stored episode
     free_before = storage._num_free_slots
-    if everywhere:
-        storage._maybe_dead = []  # as if another process had noted them
-    assert storage.reclaim_slots(everywhere=everywhere) == 2
+    assert storage.reclaim_slots() == 2
     assert storage._num_free_slots == free_before + 2
     assert not _dead_slots(table).numel()
     assert (table["id"][dead] == -1).all() and (table["access"][dead] == 0).all()

@@ -180,7 +180,7 @@ class HippoStorage(LazyTensorStorage):
         self._free_rows: torch.Tensor | None = None
         self._reset_counters()
         self._pending: list[torch.Tensor] = []
-        self._maybe_dead: list[torch.Tensor] = []
+        self._writes_since_reclaim = 0
         self.open_episodes = None
 
     def _reset_counters(self) -> None:
@@ -276,7 +276,7 @@ class HippoStorage(LazyTensorStorage):
         """
         self._ensure_tables()
         if n > self._num_free_slots:
-            self.reclaim_slots(everywhere=self.is_shared)
+            self.reclaim_slots()
         if n > self._num_free_slots:
             self._grow_table(n - self._num_free_slots)
         top = self._num_free_slots
@@ -300,25 +300,25 @@ class HippoStorage(LazyTensorStorage):
         self._free_slots[top : top + n] = slots
         self._num_free_slots = top + n
 
-    def note_maybe_dead(self, slots: torch.Tensor) -> None:
-        """Records slots whose episode may have ended with no row left; see :meth:`reclaim_slots`.
+    def note_write(self) -> None:
+        """Counts one write; every ``_RECLAIM_EVERY`` writes, :meth:`reclaim_slots` runs.
 
-        Writers call it for the slots whose rows they overwrote (duplicates allowed), so that
-        recycling happens in bulk rather than once per ``extend``.
+        Writers call it once per ``extend``, so that slots are recycled in bulk rather than
+        looked for after every write.
         """
-        self._maybe_dead.append(slots)
-        if len(self._maybe_dead) >= _RECLAIM_EVERY:
+        self._writes_since_reclaim += 1
+        if self._writes_since_reclaim >= _RECLAIM_EVERY:
             self.reclaim_slots()
 
-    def reclaim_slots(self, *, everywhere: bool = False) -> int:
+    def reclaim_slots(self) -> int:
         """Returns to the free list the slots whose episode ended and has no row left.
 
         A slot is *dead* when its episode is done, it counts no row and still holds an id (a
         free slot holds ``-1``). Until reclaimed, a dead slot keeps its episode's fields:
-        every reader of the table tells stored episodes by ``rows > 0``. By default only
-        the slots recorded with :meth:`note_maybe_dead` are looked at; ``everywhere=True``
-        scans the whole table (another process sharing the memory may have recorded them).
-        Returns the number of slots reclaimed.
+        every reader of the table tells stored episodes by ``rows > 0``. The whole table is
+        scanned (in a shared memory, the dead slots of every process's writes are found).
+        It runs every ``_RECLAIM_EVERY`` writes (see :meth:`note_write`), when the free list
+        runs short and before a save. Returns the number of slots reclaimed.
 
         Examples:
             >>> import torch
@@ -339,23 +339,12 @@ class HippoStorage(LazyTensorStorage):
             >>> rb.storage.num_episodes, rb.storage.reclaim_slots()
             (1, 2)
         """
+        self._writes_since_reclaim = 0
         if self.episodes is None:
-            self._maybe_dead = []
             return 0
-        table = self.episodes
-        if everywhere:
-            slots = None
-        elif not self._maybe_dead:
-            return 0
-        else:
-            slots = torch.cat(self._maybe_dead)
-            slots = slots[slots >= 0]
-        self._maybe_dead = []
-        ids, rows, done = table.get("id"), table.get("rows"), table.get("done")
-        if slots is None:
-            dead = ((ids >= 0) & (rows == 0) & done).nonzero().squeeze(1)
-        else:
-            dead = slots[(ids[slots] >= 0) & (rows[slots] == 0) & done[slots]].unique()
+        table = self._table
+        ids, rows, done = table["id"], table["rows"], table["done"]
+        dead = ((ids >= 0) & (rows == 0) & done).nonzero().squeeze(1)
         self.release_slots(dead)
         return dead.numel()
 
@@ -746,7 +735,7 @@ class HippoStorage(LazyTensorStorage):
         self._reset_counters()
         self._cv[_C["num_free_slots"]] = size
         self._pending = []
-        self._maybe_dead = []
+        self._writes_since_reclaim = 0
         self.open_episodes = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -756,9 +745,7 @@ class HippoStorage(LazyTensorStorage):
         state.pop("_cv", None)
         state.pop("_open", None)
         state.pop("_table", None)
-        if get_spawning_popen() is not None:
-            state["_maybe_dead"] = []  # this process recycles the slots it noted itself
-        else:  # a plain copy or pickle: a private memory
+        if get_spawning_popen() is None:  # a plain copy or pickle: a private memory
             state["_lock"] = None
             state["_open_mirror"] = None
             state["_open"] = self.open_episodes

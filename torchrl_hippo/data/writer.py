@@ -333,8 +333,9 @@ class HippoWriter(Writer):
         base_ret = stitch.per_segment(open_["ret"], 0.0)
         origin = first if base_step is None else first - base_step  # step = row - origin
         csum = seq.csum
-        start_sum = (csum - seq.reward).index_select(0, first)  # running = csum - start_sum
-        seg_return = csum.index_select(0, last) - start_sum
+        # Segments tile the batch: one's rewards start where the one before ended.
+        seg_return = torch.diff(seq.csum_last, prepend=_constants(dev).zeros(1, torch.float64))
+        start_sum = seq.csum_last - seg_return  # running = csum - start_sum
         if base_ret is not None:
             seg_return += base_ret
         seg_length = seq.length if base_step is None else base_step + seq.length
@@ -392,23 +393,18 @@ class HippoWriter(Writer):
         table["length"].index_copy_(0, seg_slot, seg_length)
         table["updated"].index_copy_(0, seg_slot, last + clock)
         table["done"].index_copy_(0, seg_slot, seq.closed)
-        abandoned = None
         if stitch.abandoned.numel():
-            abandoned = open_["slot"].index_select(0, stitch.abandoned)
-            table["done"].index_fill_(0, abandoned, True)
+            table["done"].index_fill_(0, open_["slot"].index_select(0, stitch.abandoned), True)
 
-        # Live rows per episode: minus the rows overwritten, plus the rows written. Rows come
-        # in runs of one episode, so the overwritten slots are counted per run.
+        # Live rows per episode: minus the rows overwritten (one per row), plus the rows
+        # written (per segment). Slots left with no row are recycled later, in bulk (see
+        # HippoStorage.reclaim_slots).
         row_slot = storage.row_slot
-        old_slot, counts = torch.unique_consecutive(
-            row_slot[rows] if start is None else _ring(row_slot, start, n_write),
-            return_counts=True,
-        )
+        old_slot = row_slot[rows] if start is None else _ring(row_slot, start, n_write)
         if some_unset:
-            written_before = old_slot >= 0
-            old_slot, counts = old_slot[written_before], counts[written_before]
+            old_slot = old_slot[old_slot >= 0]
         table_rows = table["rows"]
-        table_rows.index_add_(0, old_slot, counts, alpha=-1)
+        table_rows.index_add_(0, old_slot, _constants(dev).ones(old_slot.shape[0]), alpha=-1)
         if n_write == n:
             written = seq.length
         else:
@@ -456,14 +452,7 @@ class HippoWriter(Writer):
         self._write_rows(storage, rows, start, flat, tail, hippo, pairs)
         if self.defer_keys:
             storage.add_pending_keys(rows)
-
-        # Slots whose episode may have ended with no row left are recycled later, in bulk:
-        # those that lost rows, the abandoned ones, and (if the batch did not fit) its own.
-        storage.note_maybe_dead(old_slot)
-        if abandoned is not None:
-            storage.note_maybe_dead(abandoned)
-        if n_write < n:
-            storage.note_maybe_dead(seg_slot)
+        storage.note_write()
 
         self._update_open(
             seq,
@@ -519,12 +508,13 @@ class HippoWriter(Writer):
         # One walk over the entries serves every lookup (and, see ``_column_pairs``, the
         # check of the entries against the stored columns).
         leaves = dict(data.items(True, True))
+        lookup = self._lookup_keys()
 
-        def leaf(key: NestedKey) -> torch.Tensor | None:
-            value = leaves.get(unravel_key(key))
+        def leaf(name: str) -> torch.Tensor | None:
+            value = leaves.get(lookup[name])
             return value if isinstance(value, torch.Tensor) else None
 
-        obs, action = leaf(self.observation_key), leaf(self.action_key)
+        obs, action = leaf("observation"), leaf("action")
         for name, key, value in (
             ("observation", self.observation_key, obs),
             ("action", self.action_key, action),
@@ -548,10 +538,10 @@ class HippoWriter(Writer):
                 f"action {self.action_key!r} has {feat} features per transition, the encoder "
                 f"expects action_dim={act_dim} (or one integer index per transition)."
             )
-        reward = leaf(self.reward_key)
+        reward = leaf("reward")
         if reward is None:
             raise ValueError(f"data has no reward entry {self.reward_key!r}.")
-        done, traj = leaf(self.done_key), leaf(self.traj_key)
+        done, traj = leaf("done"), leaf("traj")
         if done is None and traj is None:
             raise ValueError(
                 f"data has neither a done entry {self.done_key!r} nor trajectory ids "
@@ -567,7 +557,7 @@ class HippoWriter(Writer):
                 f"reward {self.reward_key!r} must hold one scalar per transition, got shape "
                 f"{list(reward.shape)} for batch {list(shape)}."
             )
-        is_init = leaf(self.is_init_key)
+        is_init = leaf("is_init")
         for name, key, value in (
             ("done", self.done_key, done),
             ("is_init", self.is_init_key, is_init),
@@ -595,6 +585,23 @@ class HippoWriter(Writer):
             "traj": traj,
         }
         return flat, shape, entries, leaves
+
+    def _lookup_keys(self) -> dict[str, NestedKey]:
+        """The entries ``extend`` reads, by name, as keys of ``data.items(True, True)``."""
+        keys = (
+            self.observation_key,
+            self.action_key,
+            self.reward_key,
+            self.done_key,
+            self.traj_key,
+            self.is_init_key,
+        )
+        cache = self.__dict__.get("_lookup_cache")
+        if cache is None or cache[0] != keys:  # once per change of keys
+            names = ("observation", "action", "reward", "done", "traj", "is_init")
+            lookup = {name: unravel_key(key) for name, key in zip(names, keys)}
+            cache = self.__dict__["_lookup_cache"] = (keys, lookup)
+        return cache[1]
 
     def _apply_segmenter(
         self,
@@ -721,8 +728,7 @@ class HippoWriter(Writer):
             )
             if not bool(torch.isfinite(keys).all()):
                 raise FloatingPointError(
-                    "The encoder produced NaN or inf keys (check its weights); nothing was "
-                    "written."
+                    "The encoder produced NaN or inf keys (check its weights); nothing was written."
                 )
             out[sl] = keys.to(device=out.device, dtype=out.dtype)
         return out
@@ -807,7 +813,7 @@ class HippoWriter(Writer):
         pairs = []
         complete = True
         batch_dims = len(flat.batch_size)
-        for key, value in (flat.items(True, True) if leaves is None else leaves.items()):
+        for key, value in flat.items(True, True) if leaves is None else leaves.items():
             if key == "hippo" or (isinstance(key, tuple) and key[0] == "hippo"):
                 continue
             column = columns.get(key)
@@ -1156,10 +1162,10 @@ class _Segments:
         self.num = self.first.shape[0]
         self._seg = bound[:n].cumsum(0)
         self._seg -= 1
-        self.reward = reward
         self.csum = torch.cumsum(reward, 0, dtype=torch.float64)
+        self.csum_last = self.csum.index_select(0, self.last)  # at each segment's last row
         # The total is finite iff every reward is (a float64 sum of float32s cannot overflow).
-        self.finite = math.isfinite(self.csum[-1])
+        self.finite = math.isfinite(self.csum_last[-1])
         self._is_init = is_init
 
         # Per segment: the stream (key), whether it is the stream's first segment here, and
@@ -1270,7 +1276,11 @@ class _Stitch:
         continued = from_open.index_select(0, self.open)
         if isinstance(self.seg, slice):  # the first segment continues, the others are fresh
             if not isinstance(fresh, torch.Tensor):
-                fresh = continued.new_full((self.segments - 1,), fresh)
+                fresh = (
+                    _constants(continued.device).zeros(self.segments - 1, continued.dtype)
+                    if fresh == 0
+                    else continued.new_full((self.segments - 1,), fresh)
+                )
             return torch.cat([continued, fresh])
         if isinstance(fresh, torch.Tensor):
             out = continued.new_empty(self.segments).index_copy_(0, self.fresh, fresh)
@@ -1315,6 +1325,20 @@ class _Constants:
         self.no_index = torch.zeros(0, dtype=torch.int64, device=device)
         self.zero_index = torch.zeros(1, dtype=torch.int64, device=device)
         self.arange = torch.arange(1024, device=device)
+        self._zeros: dict[torch.dtype, torch.Tensor] = {}
+        self._one = torch.ones((), dtype=torch.int64, device=device)
+
+    def ones(self, n: int) -> torch.Tensor:
+        """``torch.ones(n, dtype=torch.int64)``, an expanded view: never write into it."""
+        return self._one.expand(n)
+
+    def zeros(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """``torch.zeros(n, dtype=dtype)``, a view of a cached buffer: never write into it."""
+        buffer = self._zeros.get(dtype)
+        if buffer is None or buffer.shape[0] < n:
+            size = max(n, 64 if buffer is None else 2 * buffer.shape[0])
+            buffer = self._zeros[dtype] = torch.zeros(size, dtype=dtype, device=self.device)
+        return buffer[:n]
 
 
 _CONSTANTS: dict[torch.device, _Constants] = {}
