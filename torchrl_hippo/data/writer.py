@@ -329,8 +329,8 @@ class HippoWriter(Writer):
         first, last = seq.first, seq.last
 
         # Per segment: where its episode stood before this batch (None: nowhere, all fresh).
-        base_step = stitch.per_segment(open_["step"], 0)
-        base_ret = stitch.per_segment(open_["ret"], 0.0)
+        base_step = stitch.per_segment(open_["step"])
+        base_ret = stitch.per_segment(open_["ret"])
         origin = first if base_step is None else first - base_step  # step = row - origin
         csum = seq.csum
         # Segments tile the batch: one's rewards start where the one before ended.
@@ -614,7 +614,7 @@ class HippoWriter(Writer):
     ) -> tuple[_Segments, _Stitch]:
         """Asks :attr:`segmenter` for further episode starts; re-segments if it gives any."""
         n = seq.n
-        base_step = stitch.per_segment(self._open_columns()["step"], 0)
+        base_step = stitch.per_segment(self._open_columns()["step"])
         origin = seq.first if base_step is None else seq.first - base_step
         step = _arange(n, device) - seq.per_row(origin)
         if seq.key is None:
@@ -1208,7 +1208,7 @@ class _Segments:
         """The streams of the segments ``index``."""
         if self.key is None:  # one stream, key 0: at most one segment stays open
             size = index.stop - index.start if isinstance(index, slice) else index.shape[0]
-            return _constants(self.first.device).zero_index[:size]
+            return _constants(self.first.device).zeros(size, torch.int64)
         return _select(self.key, index)
 
     def match(self, open_keys: torch.Tensor) -> _Stitch:
@@ -1217,7 +1217,7 @@ class _Segments:
         A stream's first segment in the batch continues the stream's open episode unless it
         starts with ``is_init``, in which case the open episode is abandoned.
         """
-        none = _constants(open_keys.device).no_index
+        none = _constants(open_keys.device).zeros(0, torch.int64)
         if not open_keys.numel():
             return _Stitch(self.num, slice(0, 0), none, slice(0, None), 0, none, none)
         if self.key is None:
@@ -1264,28 +1264,24 @@ class _Stitch:
         self.abandoned = abandoned
 
     def per_segment(
-        self, from_open: torch.Tensor, fresh: torch.Tensor | float
+        self, from_open: torch.Tensor, fresh: torch.Tensor | None = None
     ) -> torch.Tensor | None:
         """Per segment: ``from_open[o]`` where it continues open episode ``o``, else ``fresh``.
 
-        ``fresh`` is one value (then ``None`` comes back when no segment continues an
-        episode) or a tensor of one value per fresh segment.
+        ``fresh`` holds one value per fresh segment; ``None`` stands for zeros (then ``None``
+        comes back when no segment continues an episode).
         """
         if not self.num:
-            return fresh if isinstance(fresh, torch.Tensor) else None
+            return fresh
         continued = from_open.index_select(0, self.open)
         if isinstance(self.seg, slice):  # the first segment continues, the others are fresh
-            if not isinstance(fresh, torch.Tensor):
-                fresh = (
-                    _constants(continued.device).zeros(self.segments - 1, continued.dtype)
-                    if fresh == 0
-                    else continued.new_full((self.segments - 1,), fresh)
-                )
+            if fresh is None:
+                fresh = _constants(continued.device).zeros(self.segments - 1, continued.dtype)
             return torch.cat([continued, fresh])
-        if isinstance(fresh, torch.Tensor):
-            out = continued.new_empty(self.segments).index_copy_(0, self.fresh, fresh)
+        if fresh is None:
+            out = continued.new_zeros(self.segments)
         else:
-            out = continued.new_full((self.segments,), fresh)
+            out = continued.new_empty(self.segments).index_copy_(0, self.fresh, fresh)
         return out.index_copy_(0, self.seg, continued)
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1322,8 +1318,6 @@ class _Constants:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.true = torch.ones(1, dtype=torch.bool, device=device)
-        self.no_index = torch.zeros(0, dtype=torch.int64, device=device)
-        self.zero_index = torch.zeros(1, dtype=torch.int64, device=device)
         self.arange = torch.arange(1024, device=device)
         self._zeros: dict[torch.dtype, torch.Tensor] = {}
         self._one = torch.ones((), dtype=torch.int64, device=device)
