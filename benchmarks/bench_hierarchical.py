@@ -77,42 +77,34 @@ def _reset_peak() -> None:
 def make_gru_actor_critic(env, width: int) -> dict:
     """The GRU counterpart of ``make_hierarchical_actor_critic``: same encoders and heads."""
     from tensordict.nn import TensorDictModule, TensorDictSequential
-    from torch import nn
     from torchrl.envs import Compose, InitTracker, RewardSum, StepCounter
-    from torchrl.modules import MLP, GRUModule, ProbabilisticActor
+    from torchrl.modules import GRUModule, ProbabilisticActor
+
+    from torchrl_hippo.modules.builders import make_encoder, make_head
 
     obs_dim = env.observation_spec_unbatched["observation"].shape[-1]
     n_actions = env.action_spec_unbatched.space.n
 
-    def branch(prefix: str, out_features: int, out_key: str):
-        encoder = MLP(
-            in_features=obs_dim,
-            out_features=width,
-            num_cells=[width],
-            activation_class=nn.Tanh,
-            activate_last_layer=True,
-        )
+    def branch(prefix: str, out_features: int, out_key: str, last_scale: float):
         gru = GRUModule(
             input_size=width,
             hidden_size=width,
             in_keys=[f"{prefix}embed", f"{prefix}rs", "is_init"],
             out_keys=[f"{prefix}features", ("next", f"{prefix}rs")],
         )
-        head = MLP(
-            in_features=width,
-            out_features=out_features,
-            num_cells=[width],
-            activation_class=nn.Tanh,
-        )
         body = TensorDictSequential(
-            TensorDictModule(encoder, in_keys=["observation"], out_keys=[f"{prefix}embed"]),
+            TensorDictModule(
+                make_encoder(obs_dim, width, width), ["observation"], [f"{prefix}embed"]
+            ),
             gru,
-            TensorDictModule(head, in_keys=[f"{prefix}features"], out_keys=[out_key]),
+            TensorDictModule(
+                make_head(width, out_features, width, last_scale), [f"{prefix}features"], [out_key]
+            ),
         )
         return body, gru
 
-    actor_body, actor_gru = branch("", n_actions, "logits")
-    critic, critic_gru = branch("critic_", 1, "state_value")
+    actor_body, actor_gru = branch("", n_actions, "logits", 0.01)
+    critic, critic_gru = branch("critic_", 1, "state_value", 1.0)
     actor = ProbabilisticActor(
         actor_body,
         in_keys=["logits"],

@@ -70,7 +70,6 @@ from typing import Any, NamedTuple
 import gymnasium as gym
 import torch
 from tensordict.nn import TensorDictModule, TensorDictSequential
-from torch import nn
 from torchrl.collectors import Collector
 from torchrl.envs import (
     Compose,
@@ -81,7 +80,7 @@ from torchrl.envs import (
     StepCounter,
     TransformedEnv,
 )
-from torchrl.modules import MLP, GRUModule, ProbabilisticActor
+from torchrl.modules import GRUModule, ProbabilisticActor
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 from torchrl.record.loggers import TensorboardLogger
@@ -93,7 +92,11 @@ if str(ROOT) not in sys.path:
 
 import torchrl_hippo.envs  # noqa: E402, F401  (registers the hippo/* ids)
 from benchmarks.cue_recall_env import make_cue_recall_env  # noqa: E402
-from torchrl_hippo.modules.builders import make_hierarchical_actor_critic  # noqa: E402
+from torchrl_hippo.modules.builders import (  # noqa: E402
+    make_encoder,
+    make_head,
+    make_hierarchical_actor_critic,
+)
 from torchrl_hippo.modules.hierarchical import HierarchicalMemory, MemoryELBOLoss  # noqa: E402
 
 __all__ = [
@@ -223,28 +226,6 @@ def make_env(
     return env, longest
 
 
-def _encoder(observation_dim: int, width: int) -> MLP:
-    # The same encoder as make_hierarchical_actor_critic's.
-    return MLP(
-        in_features=observation_dim,
-        out_features=width,
-        num_cells=[width],
-        activation_class=nn.Tanh,
-        activate_last_layer=True,
-    )
-
-
-def _head(width: int, out_features: int, last_scale: float) -> MLP:
-    # The same head as make_hierarchical_actor_critic's (small last layer for the actor).
-    head = MLP(
-        in_features=width, out_features=out_features, num_cells=[width], activation_class=nn.Tanh
-    )
-    with torch.no_grad():
-        head[-1].weight.mul_(last_scale)
-        head[-1].bias.zero_()
-    return head
-
-
 def make_actor_critic(
     model: str,
     env: EnvBase,
@@ -294,7 +275,11 @@ def make_actor_critic(
     n_actions = env.action_spec_unbatched.space.n
 
     def branch(prefix: str, out_features: int, out_key: str, last_scale: float):
-        layers = [TensorDictModule(_encoder(obs_dim, width), ["observation"], [f"{prefix}embed"])]
+        layers = [
+            TensorDictModule(
+                make_encoder(obs_dim, width, width), ["observation"], [f"{prefix}embed"]
+            )
+        ]
         features = f"{prefix}embed"
         core = None
         if model == "gru":
@@ -307,7 +292,9 @@ def make_actor_critic(
             )
             layers.append(core)
         layers.append(
-            TensorDictModule(_head(width, out_features, last_scale), [features], [out_key])
+            TensorDictModule(
+                make_head(width, out_features, width, last_scale), [features], [out_key]
+            )
         )
         return TensorDictSequential(*layers), core
 

@@ -14,7 +14,7 @@ from torchrl.modules import MLP, NormalParamExtractor, ProbabilisticActor, TanhN
 
 from torchrl_hippo.modules.hierarchical import HierarchicalMemory
 
-__all__ = ["HierarchicalActorCritic", "make_hierarchical_actor_critic"]
+__all__ = ["HierarchicalActorCritic", "make_encoder", "make_head", "make_hierarchical_actor_critic"]
 
 
 class HierarchicalActorCritic(NamedTuple):
@@ -41,7 +41,18 @@ class HierarchicalActorCritic(NamedTuple):
     memories: tuple[HierarchicalMemory, HierarchicalMemory]
 
 
-def _encoder(observation_dim: int, embed_dim: int, hidden_dim: int) -> MLP:
+def make_encoder(observation_dim: int, embed_dim: int, hidden_dim: int) -> MLP:
+    """The observation encoder of :func:`make_hierarchical_actor_critic`: a one-hidden-layer
+    ``Tanh`` MLP, activated at its output too.
+
+    Baselines built with it and :func:`make_head` differ from the memory's actor-critic only in
+    their core.
+
+    Examples:
+        >>> import torch
+        >>> make_encoder(4, 8, 16)(torch.zeros(2, 4)).shape
+        torch.Size([2, 8])
+    """
     return MLP(
         in_features=observation_dim,
         out_features=embed_dim,
@@ -51,7 +62,17 @@ def _encoder(observation_dim: int, embed_dim: int, hidden_dim: int) -> MLP:
     )
 
 
-def _head(embed_dim: int, out_features: int, hidden_dim: int, last_scale: float) -> MLP:
+def make_head(embed_dim: int, out_features: int, hidden_dim: int, last_scale: float = 1.0) -> MLP:
+    """The output head of :func:`make_hierarchical_actor_critic`: a one-hidden-layer ``Tanh``
+    MLP whose last layer has its weights scaled by ``last_scale`` and a zero bias (the actor's
+    uses ``0.01``, for near-uniform first actions).
+
+    Examples:
+        >>> import torch
+        >>> head = make_head(8, 3, 16, last_scale=0.01)
+        >>> head(torch.zeros(2, 8)).shape, bool(head[-1].bias.eq(0).all())
+        (torch.Size([2, 3]), True)
+    """
     head = MLP(
         in_features=embed_dim,
         out_features=out_features,
@@ -171,12 +192,12 @@ def make_hierarchical_actor_critic(
         state_key="critic_hmem",
         **memory_kwargs,
     )
-    head = _head(embed_dim, n_out, hidden_dim, last_scale=0.01)
+    head = make_head(embed_dim, n_out, hidden_dim, last_scale=0.01)
     if param_extractor is not None:
         head = nn.Sequential(head, param_extractor)
     actor_body = TensorDictSequential(
         TensorDictModule(
-            _encoder(observation_dim, embed_dim, hidden_dim),
+            make_encoder(observation_dim, embed_dim, hidden_dim),
             in_keys=[observation_key],
             out_keys=[actor_memory.in_keys[0]],
         ),
@@ -193,13 +214,13 @@ def make_hierarchical_actor_critic(
     )
     critic = TensorDictSequential(
         TensorDictModule(
-            _encoder(observation_dim, embed_dim, hidden_dim),
+            make_encoder(observation_dim, embed_dim, hidden_dim),
             in_keys=[observation_key],
             out_keys=[critic_memory.in_keys[0]],
         ),
         critic_memory,
         TensorDictModule(
-            _head(embed_dim, 1, hidden_dim, last_scale=1.0),
+            make_head(embed_dim, 1, hidden_dim, last_scale=1.0),
             in_keys=[critic_memory.out_keys[0]],
             out_keys=["state_value"],
         ),
