@@ -9,7 +9,7 @@ STAMP := .make-installed
 # project's torch range is then satisfied without pulling CUDA wheels.
 $(STAMP): pyproject.toml
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test,faiss,hub,sb3,distributed]"
+	$(PIP) install -q -e ".[test,faiss,hub,sb3,distributed,fast]"
 	touch $(STAMP)
 
 install: $(STAMP)

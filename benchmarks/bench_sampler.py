@@ -28,7 +28,10 @@ median of ``--repeats`` repeats; PASS/FAIL against the targets):
    ``storage.encode_pending()`` computes later in bulk: only the writer's own bookkeeping is
    measured), TorchRL's ``TensorDictRoundRobinWriter`` on ``LazyTensorStorage``, and the encoder's own
    forward (``encoder.encode(..., target=True)`` under ``no_grad`` on the batch's
-   ``[B, 8, ...]`` windows). Targets: (b) / round-robin throughput >= 0.5, and
+   ``[B, 8, ...]`` windows). (b) runs the writer's default ``backend="auto"``: its bookkeeping
+   is one compiled call where numba is installed (``pip install ".[fast]"``), and (c) is the
+   same writer with ``backend="torch"`` (tensor ops), in its own memory, for comparison.
+   Targets: (b) / round-robin throughput >= 0.5, and
    ``t_row(a) / (t_row(encoder forward) + t_row(round-robin))`` <= 1.5.
 5. **Flatness**: 1 (``sampler.sample`` only) and 4(b) again at 10k, 100k and ``--size``
    transitions (``--quick``: 10k and 50k), to show these costs do not grow with the memory.
@@ -83,6 +86,7 @@ from torchrl.data import (
 )
 
 from torchrl_hippo import DualEncoder, HippoSampler, HippoStorage, HippoWriter
+from torchrl_hippo.data import fifo_numba
 from torchrl_hippo.search import topk_similarity
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -167,11 +171,11 @@ class _Stream:
 
 
 def _hippo_buffer(
-    args, size: int, encoder: DualEncoder, *, defer_keys: bool = False
+    args, size: int, encoder: DualEncoder, *, defer_keys: bool = False, backend: str = "auto"
 ) -> TensorDictReplayBuffer:
     return TensorDictReplayBuffer(
         storage=HippoStorage(size, device=args.device),
-        writer=HippoWriter(encoder, defer_keys=defer_keys),
+        writer=HippoWriter(encoder, defer_keys=defer_keys, backend=backend),
         sampler=HippoSampler(mixture_ratio=args.mixture_ratio, top_k=args.top_k),
         batch_size=args.batch,
     )
@@ -601,11 +605,19 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 4. writers into full memories; (b) gets its own memory, filled from the same stream
     noenc = _hippo_buffer(args, args.size, _make_encoder(args), defer_keys=True)
-    _fill([noenc], _Stream(args, args.seed), args.size, args.chunk)
+    noenc_torch = _hippo_buffer(
+        args, args.size, _make_encoder(args), defer_keys=True, backend="torch"
+    )
+    _fill([noenc, noenc_torch], _Stream(args, args.seed), args.size, args.chunk)
     w = measure_writers(
         args,
         args.size,
-        {"hippo_encode": hippo, "hippo_noencode": noenc, "roundrobin": rand},
+        {
+            "hippo_encode": hippo,
+            "hippo_noencode": noenc,
+            "hippo_noencode_torch": noenc_torch,
+            "roundrobin": rand,
+        },
         encoder,
     )
     t_a, t_b, t_rr, t_enc = (
@@ -614,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     w["batch_rows"] = args.write_batch
     w["noencode_ratio"] = t_rr / t_b
+    w["noencode_torch_ratio"] = t_rr / w["hippo_noencode_torch"]["s_per_row"]
+    del noenc_torch
     w["encode_overhead"] = t_a / (t_enc + t_rr)
     results["writer"] = w
     print("4. writers done")
@@ -776,6 +790,14 @@ def main(argv: list[str] | None = None) -> int:
             ">= 0.5",
             res("writer_noencode_ratio"),
         ),
+        (
+            f"4c. extend({args.write_batch}) defer_keys, backend='torch' vs round-robin",
+            _fmt_rate(w["hippo_noencode_torch"]["rows_per_s"]),
+            _fmt_rate(w["roundrobin"]["rows_per_s"]),
+            f"{w['noencode_torch_ratio']:.3f}",
+            "(info)",
+            "",
+        ),
     ]
     for size, f in flat.items():
         rows_table.append(
@@ -824,6 +846,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "torchrl": torchrl.__version__,
         "tensordict": tensordict.__version__,
+        "numba": fifo_numba.numba.__version__ if fifo_numba.AVAILABLE else None,
+        "writer_backend_auto": "numba" if fifo_numba.AVAILABLE else "torch",
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": args.device,

@@ -7,6 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 torch.set_num_threads(1)
 
@@ -52,6 +53,69 @@ def make_episodes(lengths, *, obs_dim=3, act_dim=2, reward=None, seed=0):
     )
 
 
+@st.composite
+def write_plans(draw):
+    """A memory size and a sequence of batches to write: layouts (flat, trajectory ids
+    interleaved, ``[env, time]``), done and ``is_init`` flags; see :func:`plan_batch`."""
+    capacity = draw(st.sampled_from([7, 16, 60]))
+    batches = []
+    next_traj = 0
+    streams = {}
+    for _ in range(draw(st.integers(1, 6))):
+        layout = draw(st.sampled_from(["flat", "traj", "env"]))
+        envs = draw(st.integers(1, 3)) if layout != "flat" else 1
+        time = draw(st.integers(1, 9 if layout != "flat" else 25))
+        p_done = draw(st.sampled_from([0.05, 0.3]))
+        n = envs * time
+        done = [draw(st.floats(0, 1)) < p_done for _ in range(n)]
+        init = [draw(st.floats(0, 1)) < 0.1 for _ in range(n)]
+        traj = None
+        if layout == "traj":
+            traj = []
+            for i in range(n):
+                e = draw(st.integers(0, envs - 1))
+                if e not in streams:
+                    streams[e] = next_traj
+                    next_traj += 1
+                traj.append(streams[e])
+                if done[i]:  # a collector gives the next episode a new trajectory id
+                    streams[e] = next_traj
+                    next_traj += 1
+        batches.append((layout, envs, time, done, init, traj))
+    return capacity, batches
+
+
+def plan_batch(layout, envs, time, done, init, traj, seed, reward=None):
+    """The TensorDict of one planned batch (see :func:`write_plans`) and each row's stream.
+
+    Rewards are multiples of 0.5 in [-1.5, 1.5] unless ``reward(generator, n)`` makes them.
+    """
+    from tensordict import TensorDict
+
+    n = envs * time
+    g = torch.Generator().manual_seed(seed)
+    rewards = (
+        torch.randint(-3, 4, (n, 1), generator=g).float() / 2
+        if reward is None
+        else reward(g, n).reshape(n, 1)
+    )
+    data = TensorDict(
+        {
+            "observation": torch.randn(n, 3, generator=g),
+            "action": torch.randn(n, 2, generator=g),
+            "is_init": torch.tensor(init).reshape(n, 1),
+            "next": {"reward": rewards, "done": torch.tensor(done).reshape(n, 1)},
+        },
+        batch_size=[n],
+    )
+    if traj is not None:
+        data["collector", "traj_ids"] = torch.tensor(traj)
+        return data, traj
+    if layout == "env":
+        return data.reshape(envs, time), [i // time for i in range(n)]
+    return data, [0] * n
+
+
 def make_buffer(
     capacity=100,
     *,
@@ -64,6 +128,7 @@ def make_buffer(
     embed_dim=16,
     window=4,
     defer_keys=False,
+    writer_kwargs=None,
     **sampler_kwargs,
 ):
     """A TensorDictReplayBuffer made of the three hippo parts."""
@@ -80,7 +145,9 @@ def make_buffer(
     )
     return TensorDictReplayBuffer(
         storage=HippoStorage(capacity),
-        writer=HippoWriter(encoder, forgetting=forgetting, defer_keys=defer_keys),
+        writer=HippoWriter(
+            encoder, forgetting=forgetting, defer_keys=defer_keys, **(writer_kwargs or {})
+        ),
         sampler=HippoSampler(mixture_ratio=mixture_ratio, top_k=top_k, **sampler_kwargs),
         batch_size=batch_size,
     )

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_same_state, make_buffer, make_episodes
+from conftest import assert_same_state, make_buffer, make_episodes, plan_batch, write_plans
 from tensordict import TensorDict
 
 from torchrl_hippo import HippoStorage, HippoWriter
@@ -697,68 +697,15 @@ class _ReferenceModel:
                 del self.open[stream]
 
 
-@st.composite
-def _writes(draw):
-    capacity = draw(st.sampled_from([7, 16, 60]))
-    batches = []
-    next_traj = 0
-    streams = {}
-    for _ in range(draw(st.integers(1, 6))):
-        layout = draw(st.sampled_from(["flat", "traj", "env"]))
-        envs = draw(st.integers(1, 3)) if layout != "flat" else 1
-        time = draw(st.integers(1, 9 if layout != "flat" else 25))
-        p_done = draw(st.sampled_from([0.05, 0.3]))
-        n = envs * time
-        done = [draw(st.floats(0, 1)) < p_done for _ in range(n)]
-        init = [draw(st.floats(0, 1)) < 0.1 for _ in range(n)]
-        traj = None
-        if layout == "traj":
-            traj = []
-            for i in range(n):
-                e = draw(st.integers(0, envs - 1))
-                if e not in streams:
-                    streams[e] = next_traj
-                    next_traj += 1
-                traj.append(streams[e])
-                if done[i]:  # a collector gives the next episode a new trajectory id
-                    streams[e] = next_traj
-                    next_traj += 1
-        batches.append((layout, envs, time, done, init, traj))
-    return capacity, batches
-
-
-def _batch(layout, envs, time, done, init, traj, seed):
-    n = envs * time
-    g = torch.Generator().manual_seed(seed)
-    data = TensorDict(
-        {
-            "observation": torch.randn(n, 3, generator=g),
-            "action": torch.randn(n, 2, generator=g),
-            "is_init": torch.tensor(init).reshape(n, 1),
-            "next": {
-                "reward": torch.randint(-3, 4, (n, 1), generator=g).float() / 2,
-                "done": torch.tensor(done).reshape(n, 1),
-            },
-        },
-        batch_size=[n],
-    )
-    if traj is not None:
-        data["collector", "traj_ids"] = torch.tensor(traj)
-        return data, traj
-    if layout == "env":
-        return data.reshape(envs, time), [i // time for i in range(n)]
-    return data, [0] * n
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_writes(), st.sampled_from(["fifo", "importance"]), st.booleans())
+@given(write_plans(), st.sampled_from(["fifo", "importance"]), st.booleans())
 def test_writer_matches_a_reference_model(writes, forgetting, defer_keys):
     capacity, batches = writes
     rb = make_buffer(capacity, forgetting=forgetting, defer_keys=defer_keys)
     rb.writer.evict_fraction = 0.0
     model = _ReferenceModel()
     for i, (layout, envs, time, done, init, traj) in enumerate(batches):
-        data, streams = _batch(layout, envs, time, done, init, traj, seed=i)
+        data, streams = plan_batch(layout, envs, time, done, init, traj, seed=i)
         flat = data.reshape(-1)
         index = rb.extend(data).reshape(-1).tolist()
         rewards = flat["next", "reward"].reshape(-1).tolist()

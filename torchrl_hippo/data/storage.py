@@ -274,15 +274,20 @@ class HippoStorage(LazyTensorStorage):
         ``access`` 0; :class:`~torchrl_hippo.HippoWriter` relies on it and sets every other
         field of a new episode itself).
         """
+        self.reserve_slots(n)
+        top = self._num_free_slots
+        slots = self._free_slots[top - n : top].flip(0)  # a copy
+        self._num_free_slots = top - n
+        return slots
+
+    def reserve_slots(self, n: int) -> None:
+        """Makes sure that at least ``n`` episode-table slots are free: reclaims the dead ones
+        (:meth:`reclaim_slots`), then grows the table if that was not enough."""
         self._ensure_tables()
         if n > self._num_free_slots:
             self.reclaim_slots()
         if n > self._num_free_slots:
             self._grow_table(n - self._num_free_slots)
-        top = self._num_free_slots
-        slots = self._free_slots[top - n : top].flip(0)  # a copy
-        self._num_free_slots = top - n
-        return slots
 
     def release_slots(self, slots: torch.Tensor) -> None:
         """Returns episode-table slots, whose episodes have no row left, to the free list.

@@ -7,17 +7,20 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tensordict import NestedKey, TensorDict, TensorDictBase, unravel_key
 from torchrl.data.replay_buffers.writers import Writer
 
 from torchrl_hippo._checks import as_nested_key, check_positive_int
+from torchrl_hippo.data import fifo_numba
 from torchrl_hippo.data.sampler import HippoSampler
 from torchrl_hippo.data.storage import _C, HIPPO_KEYS, HippoStorage
 
 __all__ = ["HippoWriter"]
 
 _FORGETTING = ("fifo", "importance")
+_BACKENDS = ("auto", "torch", "numba")
 #: The per-row entries the writer computes, under "hippo", with their dtypes (and "key").
 _HIPPO_DTYPES = {
     "episode": torch.int64,
@@ -27,6 +30,13 @@ _HIPPO_DTYPES = {
     "prev": torch.int64,
 }
 _DEFAULT_EVICTION_WEIGHTS = {"return": 1.0, "access": 0.5, "recency": 1.0}
+# The orders in which fifo_numba.fifo_write takes the open-episode, episode-table and "hippo"
+# columns, and absent entries.
+_OPEN_COLUMNS = ("key", "episode", "slot", "step", "ret", "last_row")
+_TABLE_ORDER = ("id", "inserted", "return", "length", "rows", "access", "updated", "done")
+_HIPPO_ORDER = ("episode", "step", "return", "key_version", "prev")
+_NO_FLAGS = np.zeros(0, np.bool_)
+_NO_IDS = np.zeros(0, np.int64)
 _CURSOR, _WRITES = _C["writer_cursor"], _C["write_count"]
 
 
@@ -93,6 +103,15 @@ class HippoWriter(Writer):
             earlier batch counts on from its stored rows) and every row's stream id; it returns
             a bool ``[n]``, ``True`` where a new episode starts. Defaults to ``None`` (the
             default segmentation only).
+        backend (str, optional): what runs the bookkeeping of a write (segmentation,
+            stitching, episode table, the rows' ``"hippo"`` entries). ``"torch"``: tensor ops,
+            for every case. ``"numba"``: one compiled call
+            (:mod:`torchrl_hippo.data.fifo_numba`, ``pip install "torchrl-hippo[fast]"``),
+            for FIFO forgetting with ``defer_keys=True`` and no ``segmenter``, on CPU tables;
+            the few writes it does not cover (the first one, a batch larger than the memory,
+            new entries) run in torch. Both give the same memory, bit for bit. ``"auto"``:
+            ``"numba"`` where it applies and numba is installed, else ``"torch"``. Defaults
+            to ``"auto"``.
 
     Examples:
         >>> import torch
@@ -142,6 +161,7 @@ class HippoWriter(Writer):
         defer_keys: bool = False,
         segmenter: Callable[[TensorDictBase, torch.Tensor, torch.Tensor], torch.Tensor]
         | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         for attr in ("encode", "window", "embed_dim", "in_keys", "version"):
@@ -169,6 +189,19 @@ class HippoWriter(Writer):
                 f"segmenter must be callable (data, step, stream) -> starts, got "
                 f"{type(segmenter).__name__}."
             )
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}.")
+        if backend == "numba":
+            if not fifo_numba.AVAILABLE:
+                raise ImportError(
+                    'backend="numba" needs numba: pip install "torchrl-hippo[fast]" (or numba).'
+                )
+            if forgetting != "fifo" or not defer_keys or segmenter is not None:
+                raise ValueError(
+                    'backend="numba" covers forgetting="fifo" with defer_keys=True and no '
+                    f"segmenter, got forgetting={forgetting!r}, defer_keys={defer_keys}, "
+                    f"segmenter={segmenter!r}; use backend='auto' or 'torch'."
+                )
         self.encoder = encoder
         self.forgetting = forgetting
         self.eviction_weights = {k: float(weights.get(k, 0.0)) for k in _DEFAULT_EVICTION_WEIGHTS}
@@ -180,6 +213,7 @@ class HippoWriter(Writer):
         self.max_open_episodes = int(max_open_episodes)
         self.defer_keys = bool(defer_keys)
         self.segmenter = segmenter
+        self.backend = backend
         # Until the writer is registered with a storage; then the storage holds them (so
         # that processes sharing the memory share them too).
         self._local = {"cursor": 0, "write_count": 0, "open": None}
@@ -306,6 +340,10 @@ class HippoWriter(Writer):
         if storage is None:
             raise RuntimeError("HippoWriter has no storage: use it inside a replay buffer.")
         flat, shape, entries, leaves = self._validate(data)
+        if self._numba_applies(storage, flat, shape):
+            index = self._extend_numba(storage, data, flat, shape, entries, leaves)
+            if index is not None:
+                return index
         data_device = flat.device
         # The device of the tables, found without touching the storage yet.
         dev = data_device if storage.device == "auto" and data_device is not None else None
@@ -452,7 +490,6 @@ class HippoWriter(Writer):
         self._write_rows(storage, rows, start, flat, tail, hippo, pairs)
         if self.defer_keys:
             storage.add_pending_keys(rows)
-        storage.note_write()
 
         self._update_open(
             seq,
@@ -469,11 +506,7 @@ class HippoWriter(Writer):
         )
         storage.clock = clock + n
         storage._cv[_WRITES] += n_write  # self._write_count, which lives in the storage
-        for ent in storage._attached_entities_iter():
-            if isinstance(ent, HippoSampler):  # it can then merge these rows into its pool
-                ent.mark_update(rows, storage=storage)
-            else:
-                ent.mark_update(rows)
+        self._after_write(storage, rows)
 
         index = idx_seq
         if seq.order is not None:
@@ -483,6 +516,152 @@ class HippoWriter(Writer):
         if data_device is not None and index.device != data_device:
             index = index.to(data_device)
         return index
+
+    def _after_write(self, storage: HippoStorage, rows: torch.Tensor) -> None:
+        """Counts the write (slots are reclaimed in bulk) and tells the storage's other
+        entities which rows changed."""
+        storage.note_write()
+        for ent in storage._attached_entities_iter():
+            if isinstance(ent, HippoSampler):  # it can then merge these rows into its pool
+                ent.mark_update(rows, storage=storage)
+            else:
+                ent.mark_update(rows)
+
+    # ------------------------------------------------------------------ compiled path
+    def _numba_applies(self, storage: HippoStorage, flat: TensorDictBase, shape) -> bool:
+        """Whether :mod:`~torchrl_hippo.data.fifo_numba` can write this batch (see ``backend``)."""
+        return (
+            self.backend != "torch"
+            and fifo_numba.AVAILABLE
+            and self.defer_keys
+            and self.forgetting == "fifo"
+            and self.segmenter is None
+            and shape.numel() <= storage.max_size
+            and storage.table_device.type == "cpu"
+            and (flat.device is None or flat.device.type == "cpu")
+            and storage.episodes is not None
+            and self._store_columns(storage) is not None
+            and len(self._columns_cache[2]) == len(_HIPPO_DTYPES)
+            and HIPPO_KEYS["key"] in self._columns_cache[1]
+        )
+
+    def _extend_numba(
+        self,
+        storage: HippoStorage,
+        data: TensorDictBase,
+        flat: TensorDictBase,
+        shape: torch.Size,
+        entries: dict,
+        leaves: dict,
+    ) -> torch.Tensor | None:
+        """The write of :meth:`_extend` with its bookkeeping in one compiled call.
+
+        Returns ``None``, having changed nothing, where the torch path must write the batch
+        instead (entries the storage does not hold yet, an eager writer's open episodes,
+        rewards whose float64 sum overflows).
+        """
+        n = shape.numel()
+
+        def flat_entry(name: str, dtype: torch.dtype) -> torch.Tensor | None:
+            value = entries[name]
+            return None if value is None else value.reshape(n).to(dtype)
+
+        reward = entries["reward"].reshape(n)
+        if reward.dtype not in (torch.float32, torch.float64):
+            reward = reward.double()
+        done, is_init = flat_entry("done", torch.bool), flat_entry("is_init", torch.bool)
+        traj = flat_entry("traj", torch.int64)
+        order = None
+        if traj is not None and len(shape) == 1 and n > 1 and bool((traj[1:] < traj[:-1]).any()):
+            order = torch.argsort(traj, stable=True)
+            reward, done, is_init, traj = (
+                None if t is None else t.index_select(0, order)
+                for t in (reward, done, is_init, traj)
+            )
+            flat = flat[order]
+        if traj is not None:
+            layout, time = fifo_numba.TRAJ_IDS, 0
+        elif len(shape) == 2 and shape[0] > 1:
+            layout, time = fifo_numba.ENV_TIME, shape[1]
+        else:
+            layout, time = fifo_numba.ONE_STREAM, 0
+        self._check_embed_dim(storage)
+        pairs = self._column_pairs(storage, flat, leaves if flat is data else None)
+        if pairs is None:
+            return None
+        self._ensure_open(flat, self.encoder.window, storage.table_device)
+        open_arrays = self._open_arrays()
+        if open_arrays is None:
+            return None
+        start = self._cursor
+        index = np.empty(n, np.int64)
+        batch = (
+            reward.detach().numpy(),
+            _NO_FLAGS if done is None else done.numpy(),
+            _NO_FLAGS if is_init is None else is_init.numpy(),
+            _NO_IDS if traj is None else traj.numpy(),
+            layout,
+            time,
+            _NO_IDS if order is None else order.numpy(),
+        )
+        status, needed, *open_out = fifo_numba.fifo_write(
+            n, *batch, *open_arrays, self.max_open_episodes, storage.max_size,
+            *self._numpy_views(storage), index,
+        )  # fmt: skip
+        if status == fifo_numba.NEED_SLOTS:
+            storage.reserve_slots(needed)
+            status, needed, *open_out = fifo_numba.fifo_write(
+                n, *batch, *open_arrays, self.max_open_episodes, storage.max_size,
+                *self._numpy_views(storage), index,
+            )  # fmt: skip
+        if status == fifo_numba.NOT_FINITE:
+            if not bool(torch.isfinite(reward).all()):
+                raise ValueError(f"reward {self.reward_key!r} contains NaN or inf values.")
+            return None  # finite rewards whose sum overflows: the torch path writes them
+        columns = dict(zip(_OPEN_COLUMNS, (torch.from_numpy(a) for a in open_out)))
+        table = TensorDict._new_unsafe(
+            columns, batch_size=[open_out[0].shape[0]], device=storage.table_device
+        )
+        self._open = table
+        self.__dict__["_open_cache"] = (table, columns)
+        self.__dict__["_open_numpy"] = (table, tuple(open_out))
+        index = torch.from_numpy(index)
+        self._write_rows(storage, index, start, flat, slice(0, n), {}, pairs)
+        storage.add_pending_keys(index)
+        self._after_write(storage, index)
+        return index if len(shape) == 1 else index.reshape(shape)
+
+    def _open_arrays(self) -> tuple[np.ndarray, ...] | None:
+        """The open episodes' columns as numpy arrays, in :data:`_OPEN_COLUMNS` order (``None``
+        for an eager writer's table, which the compiled path does not update)."""
+        open_ = self._open
+        cache = self.__dict__.get("_open_numpy")
+        if cache is None or cache[0] is not open_:
+            columns = self._open_columns()
+            if set(columns) != set(_OPEN_COLUMNS):
+                return None
+            arrays = tuple(columns[name].numpy() for name in _OPEN_COLUMNS)
+            cache = self.__dict__["_open_numpy"] = (open_, arrays)
+        return cache[1]
+
+    def _numpy_views(self, storage: HippoStorage) -> tuple[np.ndarray, ...]:
+        """The arrays :func:`fifo_numba.fifo_write` updates, as numpy views of the storage's
+        tensors (made again when the storage replaces one)."""
+        owners = (storage._cv, storage._free_slots, storage._table, storage._row_slot)
+        owners = (*owners, storage._storage)
+        cache = self.__dict__.get("_numpy_cache")
+        if cache is None or any(a is not b for a, b in zip(cache[0], owners)):
+            table = storage._table
+            hippo = dict(self._columns_cache[2])
+            views = (
+                storage._cv,
+                storage._free_slots.numpy(),
+                *(table[name].numpy() for name in _TABLE_ORDER),
+                storage._row_slot.numpy(),
+                *(hippo[name].numpy() for name in _HIPPO_ORDER),
+            )
+            cache = self.__dict__["_numpy_cache"] = (owners, views)
+        return cache[1]
 
     # ------------------------------------------------------------------ helpers
     def _validate(self, data: Any) -> tuple[TensorDictBase, torch.Size, dict, dict]:
@@ -1041,6 +1220,7 @@ class HippoWriter(Writer):
             "is_init_key": self.is_init_key,
             "max_open_episodes": self.max_open_episodes,
             "defer_keys": self.defer_keys,
+            "backend": self.backend,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -1092,7 +1272,7 @@ class HippoWriter(Writer):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(forgetting={self.forgetting!r}, window={self.encoder.window}, "
-            f"defer_keys={self.defer_keys}, "
+            f"defer_keys={self.defer_keys}, backend={self.backend!r}, "
             f"embed_dim={self.encoder.embed_dim}, write_count={self._write_count})"
         )
 
