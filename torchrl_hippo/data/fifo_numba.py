@@ -289,14 +289,7 @@ def fifo_write(
 
     # The open episodes: those not ended, then this batch's running ones; the oldest are
     # closed past max_open.
-    still = np.zeros(num, np.bool_)
-    for s in range(num):
-        still[s] = not closed[s]
-    kept = 0
-    for o in range(k):
-        if not ended[o]:
-            kept += 1
-    size = kept + int(still.sum())
+    size = (k - int(ended.sum())) + (num - int(closed.sum()))
     m_key = np.empty(size, np.int64)
     m_episode = np.empty(size, np.int64)
     m_slot = np.empty(size, np.int64)
@@ -310,7 +303,7 @@ def fifo_write(
             m_step[j], m_ret[j], m_last[j] = open_step[o], open_ret[o], open_last_row[o]
             j += 1
     for s in range(num):
-        if still[s]:
+        if not closed[s]:
             m_key[j], m_episode[j], m_slot[j] = key[s], seg_ep[s], seg_slot[s]
             m_step[j], m_ret[j] = seg_length[s], seg_return[s]
             m_last[j] = (start + end[s] - 1) % capacity

@@ -571,9 +571,8 @@ class HippoWriter(Writer):
             reward = reward.double()
         done, is_init = flat_entry("done", torch.bool), flat_entry("is_init", torch.bool)
         traj = flat_entry("traj", torch.int64)
-        order = None
-        if traj is not None and len(shape) == 1 and n > 1 and bool((traj[1:] < traj[:-1]).any()):
-            order = torch.argsort(traj, stable=True)
+        order = _stream_order(traj, shape)
+        if order is not None:
             reward, done, is_init, traj = (
                 None if t is None else t.index_select(0, order)
                 for t in (reward, done, is_init, traj)
@@ -604,16 +603,14 @@ class HippoWriter(Writer):
             time,
             _NO_IDS if order is None else order.numpy(),
         )
-        status, needed, *open_out = fifo_numba.fifo_write(
-            n, *batch, *open_arrays, self.max_open_episodes, storage.max_size,
-            *self._numpy_views(storage), index,
-        )  # fmt: skip
-        if status == fifo_numba.NEED_SLOTS:
-            storage.reserve_slots(needed)
+        for _ in range(2):  # once more when the episode table needs free slots
             status, needed, *open_out = fifo_numba.fifo_write(
                 n, *batch, *open_arrays, self.max_open_episodes, storage.max_size,
                 *self._numpy_views(storage), index,
             )  # fmt: skip
+            if status != fifo_numba.NEED_SLOTS:
+                break
+            storage.reserve_slots(needed)
         if status == fifo_numba.NOT_FINITE:
             if not bool(torch.isfinite(reward).all()):
                 raise ValueError(f"reward {self.reward_key!r} contains NaN or inf values.")
@@ -1311,9 +1308,8 @@ class _Segments:
 
         done, is_init = flat("done", torch.bool), flat("is_init", torch.bool)
         reward, key = flat("reward", entries["reward"].dtype), flat("traj", torch.int64)
-        self.order = None
-        if key is not None and len(shape) == 1 and n > 1 and bool((key[1:] < key[:-1]).any()):
-            self.order = torch.argsort(key, stable=True)
+        self.order = _stream_order(key, shape)
+        if self.order is not None:
             done, is_init, reward, key = (
                 None if t is None else t.index_select(0, self.order)
                 for t in (done, is_init, reward, key)
@@ -1472,6 +1468,16 @@ class _Stitch:
         stitched[self.seg] = True
         oidx[self.seg] = self.open
         return stitched, oidx
+
+
+def _stream_order(traj: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """The rows of a flat batch sorted by trajectory id (stable), so that each stream's rows
+    are contiguous; ``None`` when they already are (or there are no ids)."""
+    if traj is None or len(shape) != 1 or traj.shape[0] < 2:
+        return None
+    if not bool((traj[1:] < traj[:-1]).any()):
+        return None
+    return torch.argsort(traj, stable=True)
 
 
 def _all_finite(value: torch.Tensor) -> bool:
