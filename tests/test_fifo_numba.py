@@ -1,5 +1,7 @@
 """fifo_numba: the compiled FIFO bookkeeping gives the torch writer's memory, bit for bit."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -52,9 +54,9 @@ def pair(capacity, max_open=4096):
     return torch_rb, numba_rb
 
 
-@pytest.fixture
-def count_calls(monkeypatch):
-    """Counts the calls to fifo_numba.fifo_write."""
+@contextlib.contextmanager
+def counting_calls():
+    """Counts the calls to fifo_numba.fifo_write made inside the block (a list, one per call)."""
     calls = []
     original = fifo_numba.fifo_write
 
@@ -62,8 +64,17 @@ def count_calls(monkeypatch):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(fifo_numba, "fifo_write", spy)
-    return calls
+    fifo_numba.fifo_write = spy
+    try:
+        yield calls
+    finally:
+        fifo_numba.fifo_write = original
+
+
+@pytest.fixture
+def count_calls():
+    with counting_calls() as calls:
+        yield calls
 
 
 _REWARDS = {
@@ -79,23 +90,13 @@ _REWARDS = {
 def test_same_memory_as_the_torch_writer(plan, max_open, rewards):
     capacity, batches = plan
     torch_rb, numba_rb = pair(capacity, max_open)
-    calls = []
-    original = fifo_numba.fifo_write
-
-    def spy(*args):
-        calls.append(1)
-        return original(*args)
-
-    fifo_numba.fifo_write = spy
-    try:
+    with counting_calls() as calls:
         for i, (layout, envs, time, done, init, traj) in enumerate(batches):
             data, _ = plan_batch(layout, envs, time, done, init, traj, i, _REWARDS[rewards])
             index_torch = torch_rb.extend(data.clone())
             index_numba = numba_rb.extend(data.clone())
             assert_same_state(index_torch, index_numba, f"index of batch {i}")
             assert_same_state(memory_state(torch_rb), memory_state(numba_rb), f"batch {i}")
-    finally:
-        fifo_numba.fifo_write = original
     # Every write goes through the compiled path but the first, those larger than the memory
     # and those with new entries (the first one with trajectory ids), which create columns.
     expected = 0
